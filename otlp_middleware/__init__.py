@@ -1,0 +1,1 @@
+"""otlp-middleware: per-request profiling exported as OTLP profiles."""
