@@ -1,0 +1,200 @@
+"""Render the internal sample store as pprof ``Profile`` messages.
+
+``PprofBuilder`` is the one place that knows pprof's tables: it interns strings (entry 0 is
+""), deduplicates functions by (name, file, first line) and locations by (function, line), and
+merges samples with identical stacks and labels. ``cpu_profile`` and ``heap_profile`` apply the
+Go runtime conventions that ``go tool pprof`` and other readers expect (see REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
+
+from ..profiling._frames import FRAMES, FrameTable
+from ..types import CpuSample, HeapSample
+from .profile_pb2 import Function, Label, Line, Location, Profile, Sample, ValueType
+
+LabelValue = Union[str, int]
+
+CPU_SAMPLE_TYPES = (("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds"))
+HEAP_SAMPLE_TYPES = (
+    ("alloc_objects", "count"),
+    ("alloc_space", "bytes"),
+    ("inuse_objects", "count"),
+    ("inuse_space", "bytes"),
+)
+
+
+class PprofBuilder:
+    """Accumulates samples (stacks of frame ids + values + labels) into one pprof Profile.
+
+    Example::
+
+        b = PprofBuilder([("cpu", "nanoseconds")], ("cpu", "nanoseconds"), 10_101_010)
+        b.add(stack, [10_101_010], {"thread_name": "MainThread"})
+        profile = b.build(time_nanos=t0, duration_nanos=d)
+    """
+
+    def __init__(
+        self,
+        sample_types: Sequence[tuple[str, str]],
+        period_type: tuple[str, str],
+        period: int,
+        *,
+        frames: FrameTable = FRAMES,
+        default_sample_type: str | None = None,
+    ) -> None:
+        self._frames = frames
+        self._profile = Profile()
+        self._strings: dict[str, int] = {}
+        self.string("")
+        for type_, unit in sample_types:
+            self._profile.sample_type.append(ValueType(type=self.string(type_), unit=self.string(unit)))
+        self._profile.period_type.CopyFrom(
+            ValueType(type=self.string(period_type[0]), unit=self.string(period_type[1]))
+        )
+        self._profile.period = period
+        if default_sample_type:
+            self._profile.default_sample_type = self.string(default_sample_type)
+        self._n_values = len(sample_types)
+        self._functions: dict[tuple[str, str, int], int] = {}
+        self._locations_by_frame: dict[int, int] = {}
+        self._locations_by_content: dict[tuple[int, int], int] = {}
+        # (location ids, sorted label items) -> accumulated values
+        self._samples: dict[tuple[tuple[int, ...], tuple[tuple[str, LabelValue], ...]], list[int]] = {}
+
+    def string(self, s: str) -> int:
+        idx = self._strings.get(s)
+        if idx is None:
+            idx = len(self._profile.string_table)
+            self._profile.string_table.append(s)
+            self._strings[s] = idx
+        return idx
+
+    def _location(self, frame_id: int) -> int:
+        loc = self._locations_by_frame.get(frame_id)
+        if loc is not None:
+            return loc
+        info = self._frames.info(frame_id)
+        fkey = (info.name, info.filename, info.start_line)
+        fid = self._functions.get(fkey)
+        if fid is None:
+            fid = len(self._functions) + 1
+            self._functions[fkey] = fid
+            self._profile.function.append(
+                Function(
+                    id=fid,
+                    name=self.string(info.name),
+                    system_name=self.string(info.name),
+                    filename=self.string(info.filename),
+                    start_line=info.start_line,
+                )
+            )
+        ckey = (fid, info.line)
+        loc = self._locations_by_content.get(ckey)
+        if loc is None:
+            loc = len(self._locations_by_content) + 1
+            self._locations_by_content[ckey] = loc
+            # mapping_id 0: interpreted Python code has no binary mapping.
+            self._profile.location.append(
+                Location(id=loc, line=[Line(function_id=fid, line=info.line)])
+            )
+        self._locations_by_frame[frame_id] = loc
+        return loc
+
+    def add(
+        self,
+        stack: Sequence[int],
+        values: Sequence[int],
+        labels: Mapping[str, LabelValue] | None = None,
+    ) -> None:
+        """Add one sample; identical stacks with identical labels are summed."""
+        if len(values) != self._n_values:
+            raise ValueError(f"expected {self._n_values} values, got {len(values)}")
+        locs = tuple(self._location(f) for f in stack)
+        key = (locs, tuple(sorted(labels.items())) if labels else ())
+        acc = self._samples.get(key)
+        if acc is None:
+            self._samples[key] = list(values)
+        else:
+            for i, v in enumerate(values):
+                acc[i] += v
+
+    def comment(self, text: str) -> None:
+        self._profile.comment.append(self.string(text))
+
+    def build(self, *, time_nanos: int, duration_nanos: int) -> Profile:
+        """Return the finished Profile (the builder must not be used afterwards)."""
+        p = self._profile
+        p.time_nanos = time_nanos
+        p.duration_nanos = duration_nanos
+        for (locs, labels), values in self._samples.items():
+            s = Sample(location_id=locs, value=values)
+            for key, value in labels:
+                if isinstance(value, str):
+                    s.label.append(Label(key=self.string(key), str=self.string(value)))
+                else:
+                    s.label.append(Label(key=self.string(key), num=value))
+            p.sample.append(s)
+        return p
+
+
+def _comments(builder: PprofBuilder, attributes: Mapping[str, object] | None) -> None:
+    # Request attributes as "key=value" comments: `go tool pprof -comments` shows them.
+    for key, value in (attributes or {}).items():
+        builder.comment(f"{key}={value}")
+
+
+def cpu_profile(
+    samples: Iterable[CpuSample],
+    *,
+    period_ns: int,
+    time_nanos: int,
+    duration_nanos: int,
+    labels: Mapping[str, LabelValue] | None = None,
+    attributes: Mapping[str, object] | None = None,
+    frames: FrameTable = FRAMES,
+) -> Profile:
+    """A CPU profile: samples/count, cpu/nanoseconds, wall/nanoseconds; period cpu/ns.
+
+    Each sample is labelled with its ``thread_id`` (num) and ``thread_name`` (str), plus
+    ``labels`` (e.g. trace_id, span_id, http.route); ``attributes`` become comments.
+    """
+    b = PprofBuilder(
+        CPU_SAMPLE_TYPES, ("cpu", "nanoseconds"), period_ns, frames=frames, default_sample_type="cpu"
+    )
+    extra = dict(labels or {})
+    for s in samples:
+        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
+        lab.update(extra)
+        b.add(s.stack, (1 if s.cpu_ns or s.wall_ns else 0, s.cpu_ns, s.wall_ns), lab)
+    _comments(b, attributes)
+    return b.build(time_nanos=time_nanos, duration_nanos=duration_nanos)
+
+
+def heap_profile(
+    samples: Iterable[HeapSample],
+    *,
+    period_bytes: int,
+    time_nanos: int,
+    duration_nanos: int,
+    labels: Mapping[str, LabelValue] | None = None,
+    attributes: Mapping[str, object] | None = None,
+    frames: FrameTable = FRAMES,
+) -> Profile:
+    """A heap profile with the four Go heap sample types; period space/bytes."""
+    b = PprofBuilder(
+        HEAP_SAMPLE_TYPES,
+        ("space", "bytes"),
+        period_bytes,
+        frames=frames,
+        default_sample_type="inuse_space",
+    )
+    extra = dict(labels or {})
+    for s in samples:
+        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
+        lab.update(extra)
+        b.add(s.stack, (s.alloc_objects, s.alloc_bytes, s.inuse_objects, s.inuse_bytes), lab)
+    _comments(b, attributes)
+    return b.build(time_nanos=time_nanos, duration_nanos=duration_nanos)
