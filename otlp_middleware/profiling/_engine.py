@@ -1,0 +1,606 @@
+"""The process-wide CPU sampling machinery: scopes, tiers, and the samples they collect.
+
+A *scope* says what to profile: a thread (sync code) or a root frame on one thread (an asyncio
+task's coroutine; a sample belongs to it only if that frame is on the sampled stack). Any
+number of scopes may be open at once, nested or in parallel; each receives only its samples.
+
+Samples are taken by one of three tiers, chosen per thread and reported per sample:
+
+``signal``
+    ``setitimer(ITIMER_PROF)`` delivers SIGPROF; Python runs the handler on the main thread at
+    the next bytecode boundary, with the interrupted frame. Exact for the main thread, which
+    is where uvicorn's event loop and gunicorn's sync workers serve requests. Armed only while
+    a main-thread scope is open; the remaining countdown is kept across disarm/re-arm, so
+    requests shorter than the period are still sampled in proportion to their CPU time.
+``native``
+    (optional C extension) a CPU-time timer per thread whose handler copies the interrupted
+    thread's own stack: exact on every thread.
+``thread``
+    a sampler thread that reads ``sys._current_frames()``. It runs only when it holds the GIL,
+    so for CPU-bound code it sees the sampled thread at GIL-release points: lower accuracy,
+    used where the other tiers cannot run (non-main threads without the extension, or when
+    signals are unavailable or SIGPROF is taken by the application).
+
+CPU weight: each thread has a *scoped CPU clock* (its CPU clock, counted only while it is
+inside a scope); a sample is weighted by how far that clock advanced since the thread's
+previous sample, so the CPU totals telescope to the exact scoped CPU time, and a tick that
+arrives while the thread was idle (delta ~ 0) is dropped. Off-CPU (wall) samples, for scopes
+with ``include_system_calls``, are taken by the sampler thread: a blocked thread sits at its
+blocking call, which is exactly what ``sys._current_frames()`` shows.
+
+Nothing runs while no scope is open: no timer, no sampler thread. After ``fork()`` the child
+starts with a clean engine (``os.register_at_fork``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from ..types import CpuSample
+from ._frames import capture_stack
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_DEPTH = 128
+
+_HAS_SIGPROF = hasattr(signal, "SIGPROF") and hasattr(signal, "setitimer")
+
+
+class RateLimitedLog:
+    """Log a repeated failure at most once per ``interval`` seconds, with a count."""
+
+    def __init__(self, log: logging.Logger, interval: float = 60.0) -> None:
+        self._log = log
+        self._interval = interval
+        self._last = -interval
+        self.count = 0
+
+    def exception(self, msg: str, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._log.warning(msg + " (%d so far)", *args, self.count, exc_info=True)
+
+
+_errors = RateLimitedLog(logger)
+
+
+class Scope:
+    """One open profiling scope and the samples it collected.
+
+    Created by ``ENGINE.open_thread_scope`` / ``ENGINE.open_frame_scope``; closed with
+    ``ENGINE.close(scope)``. ``samples`` is a deque appended from the sampling tiers (an
+    atomic operation, safe from a signal handler).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "closed_ns",
+        "deadline_ns",
+        "include_system_calls",
+        "max_depth",
+        "methods",
+        "opened_mono_ns",
+        "opened_ns",
+        "period_ns",
+        "root_frame",
+        "samples",
+        "thread_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        thread_id: int,
+        root_frame: FrameType | None,
+        period_ns: int,
+        include_system_calls: bool,
+        max_duration_ns: int | None,
+        max_depth: int,
+    ) -> None:
+        self.thread_id = thread_id
+        self.root_frame = root_frame
+        self.period_ns = period_ns
+        self.include_system_calls = include_system_calls
+        self.max_depth = max_depth
+        self.samples: collections.deque[CpuSample] = collections.deque()
+        self.methods: dict[str, int] = {}
+        self.opened_ns = time.time_ns()
+        self.opened_mono_ns = time.monotonic_ns()
+        self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
+        self.closed_ns: int | None = None
+
+    def record(self, sample: CpuSample, method: str) -> None:
+        if self.closed_ns is not None:
+            return
+        if self.deadline_ns is not None and time.monotonic_ns() > self.deadline_ns:
+            return
+        self.samples.append(sample)
+        self.methods[method] = self.methods.get(method, 0) + 1
+
+    @property
+    def duration_ns(self) -> int:
+        end = self.closed_ns if self.closed_ns is not None else time.time_ns()
+        d = end - self.opened_ns
+        if self.deadline_ns is not None:
+            d = min(d, self.deadline_ns - self.opened_mono_ns)
+        return max(d, 0)
+
+
+class _ThreadClock:
+    """A thread's CPU clock counted only while the thread is inside a scope."""
+
+    __slots__ = ("acc", "clock", "last_mark", "open_since", "raw_wall_mark")
+
+    def __init__(self, clock: int | None) -> None:
+        self.clock = clock
+        self.acc = 0
+        self.open_since: int | None = None
+        self.last_mark = 0
+        self.raw_wall_mark = 0  # raw CPU reading at the previous off-CPU check
+
+    def raw(self) -> int:
+        if self.clock is None:
+            return 0
+        try:
+            return time.clock_gettime_ns(self.clock)
+        except OSError:  # the thread is gone
+            return 0
+
+    def start(self) -> None:
+        self.open_since = self.raw()
+
+    def stop(self) -> None:
+        if self.open_since is not None:
+            self.acc += max(self.raw() - self.open_since, 0)
+            self.open_since = None
+
+    def take_delta(self) -> int:
+        now = self.acc
+        if self.open_since is not None:
+            now += max(self.raw() - self.open_since, 0)
+        delta = now - self.last_mark
+        self.last_mark = now
+        return delta
+
+
+class _ThreadEntry:
+    """Immutable snapshot of what is open on one thread (replaced, never mutated)."""
+
+    __slots__ = ("name", "roots", "thread_scopes", "tid")
+
+    def __init__(
+        self,
+        tid: int,
+        name: str,
+        thread_scopes: tuple[Scope, ...],
+        roots: dict[int, tuple[Scope, ...]],
+    ) -> None:
+        self.tid = tid
+        self.name = name
+        self.thread_scopes = thread_scopes
+        self.roots = roots
+
+    @property
+    def scopes(self) -> tuple[Scope, ...]:
+        out = self.thread_scopes
+        for group in self.roots.values():
+            out += group
+        return out
+
+
+def _thread_cpu_clock() -> int | None:
+    try:
+        return time.pthread_getcpuclockid(threading.get_ident())
+    except (AttributeError, OSError):
+        return None
+
+
+class Engine:
+    """Owns every open scope and the tiers that sample them. One per process: ``ENGINE``."""
+
+    def __init__(self) -> None:
+        self._init_state()
+        self.clock: Callable[[], int] = time.time_ns
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.WeakMethod(self._after_fork_in_child)
+
+            def _child() -> None:
+                method = ref()
+                if method is not None:
+                    method()
+
+            os.register_at_fork(after_in_child=_child)
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        # tid -> _ThreadEntry; replaced wholesale under _lock, read lock-free by the tiers.
+        self._entries: dict[int, _ThreadEntry] = {}
+        self._clocks: dict[int, _ThreadClock] = {}
+        self._main_tid = threading.main_thread().ident
+        self._open = 0
+        self._timer_armed = False
+        self._timer_period_ns = 0
+        self._timer_remaining = 0.0
+        self._handler_installed = False
+        self._signal_refused: str | None = None
+        self._in_handler = False
+        self._sweeper: _Sweeper | None = None
+        self._native: Any = None  # the native tier, when loaded
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def open_scopes(self) -> int:
+        return self._open
+
+    @property
+    def sampler_thread_running(self) -> bool:
+        return self._sweeper is not None
+
+    @property
+    def timer_armed(self) -> bool:
+        return self._timer_armed
+
+    def method_for(self, tid: int) -> str:
+        """The tier that samples CPU on thread ``tid`` right now."""
+        if tid == self._main_tid and self._signal_usable():
+            return "signal"
+        return "thread"
+
+    # ------------------------------------------------------------------ scopes
+    def open_thread_scope(
+        self,
+        *,
+        period_ns: int,
+        include_system_calls: bool = False,
+        max_duration_ns: int | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        thread: threading.Thread | None = None,
+    ) -> Scope:
+        """Profile the calling thread until ``close``."""
+        tid = threading.get_ident()
+        scope = Scope(
+            thread_id=tid,
+            root_frame=None,
+            period_ns=period_ns,
+            include_system_calls=include_system_calls,
+            max_duration_ns=max_duration_ns,
+            max_depth=max_depth,
+        )
+        self._add(scope)
+        return scope
+
+    def open_frame_scope(
+        self,
+        root_frame: FrameType,
+        *,
+        period_ns: int,
+        include_system_calls: bool = False,
+        max_duration_ns: int | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> Scope:
+        """Profile whatever runs below ``root_frame`` on the calling thread (asyncio tasks)."""
+        scope = Scope(
+            thread_id=threading.get_ident(),
+            root_frame=root_frame,
+            period_ns=period_ns,
+            include_system_calls=include_system_calls,
+            max_duration_ns=max_duration_ns,
+            max_depth=max_depth,
+        )
+        self._add(scope)
+        return scope
+
+    def _add(self, scope: Scope) -> None:
+        tid = scope.thread_id
+        with self._lock:
+            old = self._entries.get(tid)
+            if old is None:
+                name = threading.current_thread().name
+                entry = _ThreadEntry(tid, name, (), {})
+            else:
+                entry = _ThreadEntry(tid, old.name, old.thread_scopes, dict(old.roots))
+            if scope.root_frame is None:
+                entry.thread_scopes = (*entry.thread_scopes, scope)
+            else:
+                key = id(scope.root_frame)
+                entry.roots[key] = (*entry.roots.get(key, ()), scope)
+            clock = self._clocks.get(tid)
+            if clock is None:
+                clock = self._clocks[tid] = _ThreadClock(_thread_cpu_clock())
+            if old is None:
+                clock.start()
+            entries = dict(self._entries)
+            entries[tid] = entry
+            self._entries = entries
+            self._open += 1
+            self._reconfigure()
+
+    def close(self, scope: Scope) -> None:
+        """Stop collecting for ``scope``. Idempotent; safe after fork (a no-op there)."""
+        if scope.closed_ns is None:
+            scope.closed_ns = time.time_ns()
+        with self._lock:
+            self._remove(scope)
+
+    def _remove(self, scope: Scope) -> None:
+        tid = scope.thread_id
+        old = self._entries.get(tid)
+        if old is None:
+            return
+        if scope.root_frame is None:
+            if scope not in old.thread_scopes:
+                return
+            thread_scopes = tuple(s for s in old.thread_scopes if s is not scope)
+            roots = old.roots
+        else:
+            key = id(scope.root_frame)
+            group = old.roots.get(key, ())
+            if scope not in group:
+                return
+            roots = dict(old.roots)
+            rest = tuple(s for s in group if s is not scope)
+            if rest:
+                roots[key] = rest
+            else:
+                del roots[key]
+            thread_scopes = old.thread_scopes
+        scope.root_frame = None  # do not keep the coroutine's frame alive
+        entries = dict(self._entries)
+        if thread_scopes or roots:
+            entries[tid] = _ThreadEntry(tid, old.name, thread_scopes, roots)
+        else:
+            del entries[tid]
+            clock = self._clocks.get(tid)
+            if clock is not None:
+                clock.stop()
+                if tid != self._main_tid:
+                    # keep at most one clock per live thread; dead threads' go
+                    self._prune_clocks()
+        self._entries = entries
+        self._open -= 1
+        self._reconfigure()
+
+    def _prune_clocks(self) -> None:
+        if len(self._clocks) > 64:
+            alive = {t.ident for t in threading.enumerate()}
+            for tid in list(self._clocks):
+                if tid not in alive and tid not in self._entries:
+                    del self._clocks[tid]
+
+    # ------------------------------------------------------------------ tiers
+    def _signal_usable(self) -> bool:
+        return _HAS_SIGPROF and self._signal_refused is None
+
+    def _reconfigure(self) -> None:
+        """Arm/disarm the timer and start/stop the sweeper to match the open scopes.
+
+        Called with ``_lock`` held after every change.
+        """
+        entries = self._entries
+        main = entries.get(self._main_tid) if self._main_tid is not None else None
+        # --- signal tier for the main thread
+        want_timer = False
+        if main is not None and self._signal_usable():
+            if self._handler_installed or self._install_handler():
+                want_timer = True
+        if want_timer:
+            assert main is not None
+            period = min(s.period_ns for s in main.scopes)
+            if not self._timer_armed or period != self._timer_period_ns:
+                self._arm_timer(period)
+        elif self._timer_armed:
+            self._disarm_timer()
+        # --- the sampler thread: CPU of other threads, off-CPU wall time of all
+        sweep_periods = []
+        for tid, entry in entries.items():
+            cpu_by_thread = not (tid == self._main_tid and want_timer)
+            for s in entry.scopes:
+                if cpu_by_thread or s.include_system_calls:
+                    sweep_periods.append(s.period_ns)
+        if sweep_periods:
+            period = min(sweep_periods)
+            if self._sweeper is None:
+                self._sweeper = _Sweeper(self, period)
+                self._sweeper.start()
+            else:
+                self._sweeper.period_ns = period
+        elif self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+
+    def _install_handler(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False  # signal.signal() works only on the main thread; retried later
+        try:
+            current = signal.getsignal(signal.SIGPROF)
+            if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                self._signal_refused = "the application has its own SIGPROF handler"
+                logger.warning(
+                    "otlp_middleware: SIGPROF already has a handler (%r); not replacing it. "
+                    "CPU samples come from a sampler thread, which is less accurate.",
+                    current,
+                )
+                return False
+            delay, _ = signal.getitimer(signal.ITIMER_PROF)
+            if delay:
+                self._signal_refused = "ITIMER_PROF is already in use"
+                logger.warning(
+                    "otlp_middleware: ITIMER_PROF is already armed by someone else; "
+                    "CPU samples come from a sampler thread, which is less accurate."
+                )
+                return False
+            signal.signal(signal.SIGPROF, self._on_sigprof)
+            # Restart interrupted system calls instead of failing them with EINTR.
+            signal.siginterrupt(signal.SIGPROF, False)
+        except (ValueError, OSError) as exc:  # not the main interpreter, ...
+            self._signal_refused = f"signals unavailable: {exc}"
+            logger.warning(
+                "otlp_middleware: cannot use SIGPROF (%s); CPU samples come from a sampler "
+                "thread, which is less accurate.",
+                exc,
+            )
+            return False
+        self._handler_installed = True
+        return True
+
+    def _arm_timer(self, period_ns: int) -> None:
+        interval = period_ns / 1e9
+        first = self._timer_remaining if self._timer_remaining > 0 else interval
+        signal.setitimer(signal.ITIMER_PROF, min(first, interval), interval)
+        self._timer_armed = True
+        self._timer_period_ns = period_ns
+
+    def _disarm_timer(self) -> None:
+        # Keep the countdown: the next request continues it, so short requests are sampled.
+        remaining, _ = signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        self._timer_remaining = remaining
+        self._timer_armed = False
+
+    def uninstall(self) -> None:
+        """Restore SIGPROF's default disposition (only when no scope is open).
+
+        Called at interpreter exit and by tests; a later scope installs the handler again.
+        """
+        with self._lock:
+            if self._open or not self._handler_installed:
+                return
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGPROF, signal.SIG_DFL)
+                self._handler_installed = False
+
+    def _on_sigprof(self, signum: int, frame: FrameType | None) -> None:
+        if self._in_handler:
+            return
+        self._in_handler = True
+        try:
+            tid = self._main_tid
+            entry = self._entries.get(tid) if tid is not None else None
+            if entry is None or frame is None:
+                return
+            clock = self._clocks.get(entry.tid)
+            if clock is None:
+                return
+            delta = clock.take_delta()
+            if delta <= 0:
+                return
+            self._dispatch(entry, frame, delta, delta, "signal")
+        except Exception:
+            _errors.exception("otlp_middleware: sampling failed in the SIGPROF handler")
+        finally:
+            self._in_handler = False
+
+    def _dispatch(
+        self, entry: _ThreadEntry, frame: FrameType, cpu_ns: int, wall_ns: int, method: str
+    ) -> None:
+        scopes_by_root = entry.roots
+        depth = max(s.max_depth for s in entry.scopes)
+        stack, matched = capture_stack(frame, depth, scopes_by_root or None)
+        sample = CpuSample(stack, entry.tid, entry.name, cpu_ns, wall_ns, self.clock())
+        for s in entry.thread_scopes:
+            s.record(sample, method)
+        for group in matched:
+            for s in group:
+                s.record(sample, method)
+
+    def _sweep(self, own_tid: int, elapsed_ns: int) -> None:
+        """One tick of the sampler thread (runs with the GIL, in the sweeper thread)."""
+        entries = self._entries
+        if not entries:
+            return
+        frames = sys._current_frames()
+        signal_main = self._timer_armed
+        for tid, entry in entries.items():
+            if tid == own_tid:
+                continue
+            frame = frames.get(tid)
+            if frame is None:
+                continue
+            clock = self._clocks.get(tid)
+            if clock is None:
+                continue
+            if not (tid == self._main_tid and signal_main):
+                delta = clock.take_delta()
+                if delta > 0:
+                    self._dispatch(entry, frame, delta, delta, "thread")
+            wall_scopes = [s for s in entry.scopes if s.include_system_calls]
+            if wall_scopes:
+                raw = clock.raw()
+                busy = raw - clock.raw_wall_mark
+                clock.raw_wall_mark = raw
+                if busy < elapsed_ns // 2:
+                    self._dispatch_wall(entry, frame, elapsed_ns, wall_scopes)
+
+    def _dispatch_wall(
+        self, entry: _ThreadEntry, frame: FrameType, wall_ns: int, scopes: list[Scope]
+    ) -> None:
+        depth = max(s.max_depth for s in scopes)
+        stack, matched = capture_stack(frame, depth, entry.roots or None)
+        sample = CpuSample(stack, entry.tid, entry.name, 0, wall_ns, self.clock())
+        owners = {id(s) for s in entry.thread_scopes}
+        for group in matched:
+            owners.update(id(s) for s in group)
+        for s in scopes:
+            if id(s) in owners:
+                s.record(sample, "thread")
+
+    # ------------------------------------------------------------------ fork
+    def _after_fork_in_child(self) -> None:
+        sweeper = self._sweeper
+        self._init_state()
+        if sweeper is not None:
+            sweeper.forget()
+        # The SIGPROF handler is inherited; interval timers are not (POSIX).
+        self._handler_installed = _HAS_SIGPROF and signal.getsignal(signal.SIGPROF) == getattr(
+            self, "_on_sigprof", None
+        )
+
+
+class _Sweeper:
+    """The sampler thread: wakes every period while it is needed, never otherwise."""
+
+    def __init__(self, engine: Engine, period_ns: int) -> None:
+        self._engine = engine
+        self.period_ns = period_ns
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="otlp-middleware-sampler", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def forget(self) -> None:
+        """After fork: the thread does not exist in the child; nothing to join."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        own = threading.get_ident()
+        last = time.monotonic_ns()
+        while not self._stop.wait(self.period_ns / 1e9):
+            now = time.monotonic_ns()
+            try:
+                self._engine._sweep(own, now - last)
+            except Exception:
+                _errors.exception("otlp_middleware: the sampler thread failed")
+            last = now
+
+
+ENGINE = Engine()
+"""The process-wide engine."""
