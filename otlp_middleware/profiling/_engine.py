@@ -381,7 +381,7 @@ class Engine:
 
     # ------------------------------------------------------------------ tiers
     def _signal_usable(self) -> bool:
-        return _HAS_SIGPROF and self._signal_refused is None
+        return self._handler_installed and self._signal_refused is None
 
     def _reconfigure(self) -> None:
         """Arm/disarm the timer and start/stop the sweeper to match the open scopes.
@@ -392,9 +392,10 @@ class Engine:
         main = entries.get(self._main_tid) if self._main_tid is not None else None
         # --- signal tier for the main thread
         want_timer = False
-        if main is not None and self._signal_usable():
-            if self._handler_installed or self._install_handler():
-                want_timer = True
+        if main is not None and _HAS_SIGPROF:
+            if self._handler_installed and signal.getsignal(signal.SIGPROF) != self._on_sigprof:
+                self._handler_installed = False  # the application replaced our handler
+            want_timer = self._handler_installed or self._install_handler()
         if want_timer:
             assert main is not None
             period = min(s.period_ns for s in main.scopes)
@@ -426,34 +427,29 @@ class Engine:
         try:
             current = signal.getsignal(signal.SIGPROF)
             if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
-                self._signal_refused = "the application has its own SIGPROF handler"
-                logger.warning(
-                    "otlp_middleware: SIGPROF already has a handler (%r); not replacing it. "
-                    "CPU samples come from a sampler thread, which is less accurate.",
-                    current,
-                )
-                return False
+                return self._refuse(f"SIGPROF already has a handler ({current!r})")
             delay, _ = signal.getitimer(signal.ITIMER_PROF)
             if delay:
-                self._signal_refused = "ITIMER_PROF is already in use"
-                logger.warning(
-                    "otlp_middleware: ITIMER_PROF is already armed by someone else; "
-                    "CPU samples come from a sampler thread, which is less accurate."
-                )
-                return False
+                return self._refuse("ITIMER_PROF is already armed by someone else")
             signal.signal(signal.SIGPROF, self._on_sigprof)
             # Restart interrupted system calls instead of failing them with EINTR.
             signal.siginterrupt(signal.SIGPROF, False)
         except (ValueError, OSError) as exc:  # not the main interpreter, ...
-            self._signal_refused = f"signals unavailable: {exc}"
-            logger.warning(
-                "otlp_middleware: cannot use SIGPROF (%s); CPU samples come from a sampler "
-                "thread, which is less accurate.",
-                exc,
-            )
-            return False
+            return self._refuse(f"signals unavailable: {exc}")
         self._handler_installed = True
+        self._signal_refused = None
         return True
+
+    def _refuse(self, reason: str) -> bool:
+        # Checked again at the next scope opened on the main thread; logged once per reason.
+        if reason != self._signal_refused:
+            logger.warning(
+                "otlp_middleware: not using SIGPROF: %s. The main thread's CPU samples come "
+                "from a sampler thread, which places CPU-bound code at GIL-release points.",
+                reason,
+            )
+        self._signal_refused = reason
+        return False
 
     def _arm_timer(self, period_ns: int) -> None:
         interval = period_ns / 1e9

@@ -31,13 +31,12 @@ MAX_FREQUENCY = 10_000.0
 def _seconds(field_name: str, value: float | timedelta | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or math.isnan(seconds):
         raise ConfigurationError(field_name, value, "must be seconds (float or timedelta) or None")
-    if value <= 0:
+    if seconds <= 0:
         raise ConfigurationError(field_name, value, "must be > 0 seconds, or None for no limit")
-    return float(value)
+    return float(seconds)
 
 
 @dataclass(frozen=True)
