@@ -9,6 +9,8 @@ from ._builder import PprofBuilder as PprofBuilder
 from ._builder import cpu_profile as cpu_profile
 from ._builder import heap_profile as heap_profile
 from ._io import parse as parse
+from ._records import merged_profiles as merged_profiles
+from ._records import record_profiles as record_profiles
 from ._io import read_profile as read_profile
 from ._io import serialize as serialize
 from ._io import write_profile as write_profile
@@ -21,8 +23,10 @@ __all__ = [
     "Profile",
     "cpu_profile",
     "heap_profile",
+    "merged_profiles",
     "parse",
     "read_profile",
+    "record_profiles",
     "serialize",
     "write_profile",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
-from ..profiling._frames import FRAMES, FrameTable
+from .._frames import FRAMES, FrameTable
 from ..types import CpuSample, HeapSample
 from .profile_pb2 import Function, Label, Line, Location, Profile, Sample, ValueType
 

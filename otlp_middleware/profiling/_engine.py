@@ -266,18 +266,36 @@ class Engine:
         include_system_calls: bool = False,
         max_duration_ns: int | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
-        thread: threading.Thread | None = None,
     ) -> Scope:
         """Profile the calling thread until ``close``."""
-        tid = threading.get_ident()
         scope = Scope(
-            thread_id=tid,
+            thread_id=threading.get_ident(),
             root_frame=None,
             period_ns=period_ns,
             include_system_calls=include_system_calls,
             max_duration_ns=max_duration_ns,
             max_depth=max_depth,
         )
+        self._add(scope)
+        return scope
+
+    def open_child_scope(self, parent: Scope) -> Scope:
+        """Profile the calling thread on behalf of ``parent`` (work offloaded to a thread).
+
+        The child shares the parent's sample store and settings, so its samples land in
+        the parent's profile; close it when the offloaded call returns.
+        """
+        scope = Scope(
+            thread_id=threading.get_ident(),
+            root_frame=None,
+            period_ns=parent.period_ns,
+            include_system_calls=parent.include_system_calls,
+            max_duration_ns=None,
+            max_depth=parent.max_depth,
+        )
+        scope.samples = parent.samples
+        scope.methods = parent.methods
+        scope.deadline_ns = parent.deadline_ns
         self._add(scope)
         return scope
 
