@@ -1,0 +1,241 @@
+"""The background batching queue between the request path and every exporter.
+
+``emit`` is O(1) and never blocks: it appends to a bounded deque (a full queue drops the
+record and counts it) and wakes the export thread only when a full batch is waiting. The
+thread, started lazily on the first emit, exports a batch every ``schedule_delay`` seconds or
+as soon as ``max_export_batch_size`` records wait. ``force_flush(timeout)`` and
+``shutdown(timeout)`` honour their deadlines. Pending records are flushed at interpreter exit,
+and a forked child gets a fresh, empty queue and starts its own thread when it first emits
+(``os.register_at_fork`` through a ``WeakMethod``, as OpenTelemetry's BatchProcessor does).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..types import ProfileRecord
+from ._base import ExportResult, Exporter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters of the queue: what was accepted, exported, dropped or failed."""
+
+    queued: int  # waiting right now
+    emitted: int
+    exported: int
+    dropped: int  # queue full
+    failed: int  # exporter reported failure or raised
+    rejected: int  # refused by the receiver (partial success)
+    retried: int
+
+
+class BatchProcessor:
+    """Queue + background thread feeding ``exporter`` in batches.
+
+    Parameters:
+        exporter: the sink (``FileExporter``, ``ProfileExporter``, or your own ``Exporter``).
+        max_queue_size: records kept waiting at most; more are dropped and counted.
+        max_export_batch_size: records per ``exporter.export`` call.
+        schedule_delay: seconds between exports when the queue is not full.
+        export_timeout: seconds ``shutdown`` gives the exporter to finish.
+
+    Example::
+
+        processor = BatchProcessor(FileExporter("profiles"))
+        processor.emit(record)          # from the request path: O(1), never blocks
+        processor.shutdown(timeout=5)
+    """
+
+    def __init__(
+        self,
+        exporter: Exporter,
+        *,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        schedule_delay: float = 5.0,
+        export_timeout: float = 30.0,
+    ) -> None:
+        if max_queue_size < 1 or max_export_batch_size < 1:
+            raise ValueError("max_queue_size and max_export_batch_size must be >= 1")
+        if max_export_batch_size > max_queue_size:
+            max_export_batch_size = max_queue_size
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size
+        self.max_export_batch_size = max_export_batch_size
+        self.schedule_delay = schedule_delay
+        self.export_timeout = export_timeout
+        self._init_state()
+        ref = weakref.WeakMethod(self._at_fork_child)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda: _call(ref))
+        # A hook of its own (a partial compares by identity), so shutdown can remove exactly it.
+        self._atexit_hook = functools.partial(_call, weakref.WeakMethod(self._at_exit))
+        atexit.register(self._atexit_hook)
+
+    def _init_state(self) -> None:
+        self._queue: collections.deque[ProfileRecord] = collections.deque()
+        self._wake = threading.Event()
+        self._flush_requests: list[threading.Event] = []
+        self._lock = threading.Lock()  # thread start/stop and flush requests, never emit
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+        self._emitted = 0
+        self._dropped = 0
+        self._exported = 0
+        self._failed = 0
+        self._rejected = 0
+        self._retried = 0
+
+    # ------------------------------------------------------------------ request path
+    def emit(self, record: ProfileRecord) -> bool:
+        """Queue ``record`` for export. O(1), never blocks; False if it was dropped."""
+        if self._shutdown:
+            self._dropped += 1
+            return False
+        if len(self._queue) >= self.max_queue_size:
+            self._dropped += 1
+            return False
+        self._queue.append(record)
+        self._emitted += 1
+        if self._thread is None:
+            self._start()
+        elif len(self._queue) >= self.max_export_batch_size:
+            self._wake.set()
+        return True
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._shutdown:
+                self._thread = threading.Thread(
+                    target=self._run, name="otlp-middleware-exporter", daemon=True
+                )
+                self._thread.start()
+
+    # ------------------------------------------------------------------ background
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.schedule_delay)
+            self._wake.clear()
+            self._drain(deadline=None)
+            with self._lock:
+                waiters, self._flush_requests = self._flush_requests, []
+                stopping = self._shutdown
+            for w in waiters:
+                w.set()
+            if stopping:
+                return
+
+    def _drain(self, deadline: float | None) -> None:
+        while self._queue:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            batch = []
+            while self._queue and len(batch) < self.max_export_batch_size:
+                batch.append(self._queue.popleft())
+            self._export(batch)
+
+    def _export(self, batch: list[ProfileRecord]) -> None:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:
+            self._failed += len(batch)
+            logger.exception("otlp_middleware: exporter %r failed", type(self.exporter).__name__)
+            return
+        if not isinstance(result, ExportResult):
+            self._exported += len(batch)
+            return
+        self._exported += result.exported
+        self._rejected += result.rejected
+        self._retried += result.retries
+        if not result.success:
+            self._failed += len(batch) - result.exported - result.rejected
+
+    # ------------------------------------------------------------------ control
+    def force_flush(self, timeout: float = 30.0) -> bool:
+        """Export everything queued now; True if done within ``timeout`` seconds."""
+        if self._thread is None or not self._thread.is_alive():
+            if self._queue:
+                self._drain(deadline=time.monotonic() + timeout)
+            return not self._queue
+        done = threading.Event()
+        with self._lock:
+            self._flush_requests.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Flush what is queued, stop the thread and shut the exporter down, within timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread.is_alive():
+            thread.join(max(deadline - time.monotonic(), 0))
+        elif self._queue:
+            self._drain(deadline)
+        if self._queue:
+            self._dropped += len(self._queue)
+            logger.warning(
+                "otlp_middleware: %d profile(s) not exported before the shutdown deadline",
+                len(self._queue),
+            )
+            self._queue.clear()
+        try:
+            self.exporter.shutdown(max(deadline - time.monotonic(), 0.0))
+        except Exception:
+            logger.exception("otlp_middleware: exporter shutdown failed")
+        s = self.stats()
+        logger.info(
+            "otlp_middleware: exporter stopped: %d exported, %d dropped, %d failed, "
+            "%d rejected, %d retries",
+            s.exported,
+            s.dropped,
+            s.failed,
+            s.rejected,
+            s.retried,
+        )
+        atexit.unregister(self._atexit_hook)
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._shutdown
+
+    def stats(self) -> BatchStats:
+        return BatchStats(
+            queued=len(self._queue),
+            emitted=self._emitted,
+            exported=self._exported,
+            dropped=self._dropped,
+            failed=self._failed,
+            rejected=self._rejected,
+            retried=self._retried,
+        )
+
+    def _at_exit(self) -> None:
+        if not self._shutdown:
+            self.shutdown(timeout=self.export_timeout)
+
+    def _at_fork_child(self) -> None:
+        # The parent's thread does not exist here and its queue belongs to the parent.
+        self._init_state()
+
+
+def _call(ref: Callable[[], Callable[[], None] | None]) -> None:
+    method = ref()
+    if method is not None:
+        method()

@@ -1,0 +1,349 @@
+"""The sans-IO request profiler: decide, open the request's scope, close it, hand it off.
+
+Adapters (``asgi.py``, ``wsgi.py``, ``contrib/*``) translate their framework's request into
+calls on ``RequestProfiler`` and know nothing of sampling; this module knows nothing of ASGI
+scopes or WSGI environs.
+
+The request path does only this: a glob check of the path, the strategy's decision and, for
+a sampled request, opening a CPU scope (and a memory scope) plus reading the active span.
+Closing turns the scope's samples into a ``ProfileRecord`` queued on the ``BatchProcessor``;
+a request with no samples produces nothing. Rendering (pprof, OTLP), merging and writing
+happen on the export thread.
+
+The profiler never breaks the app: every failure inside profiling is logged (rate-limited),
+counted in ``stats()``, and the request goes on as if unprofiled.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from opentelemetry import trace
+
+from ..export._batch import BatchProcessor
+from ..profiling import _offload
+from ..profiling._engine import ENGINE, RateLimitedLog, Scope
+from ..profiling.cpu import CpuProfilerConfig
+from ..profiling.sampling import RequestInfo, SamplingStrategy, decide
+from ..types import AttributeScalar, ProfileRecord, SpanLink, new_profile_id
+
+logger = logging.getLogger(__name__)
+_faults = RateLimitedLog(logger)
+
+
+def compile_globs(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """One regex for all path globs: a single match call per request."""
+    if not patterns:
+        return lambda path: False
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    match = regex.match
+    return lambda path: match(path) is not None
+
+
+def trace_sampled_flag(traceparent: str | None) -> bool | None:
+    """The sampled bit of a W3C ``traceparent`` header, None if absent or malformed."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[3]) != 2:
+        return None
+    try:
+        return bool(int(parts[3], 16) & 1)
+    except ValueError:
+        return None
+
+
+def current_span_link() -> SpanLink | None:
+    """The active OpenTelemetry span as a link, or None when no valid span is active."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None
+    return SpanLink(ctx.trace_id.to_bytes(16, "big"), ctx.span_id.to_bytes(8, "big"))
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """Per-route overrides set by ``profile_route`` / ``skip_profiling``.
+
+    ``force``: True profiles the route regardless of the global sampler, False never profiles
+    it; ``sampler`` (when set) replaces the global sampler for the route; ``cpu`` overrides
+    the CPU configuration (False disables CPU sampling); ``attributes`` are added to the
+    route's profiles.
+    """
+
+    force: bool | None = None
+    sampler: SamplingStrategy | None = None
+    cpu: CpuProfilerConfig | bool | None = None
+    memory: Any = None
+    attributes: Mapping[str, AttributeScalar] | None = None
+
+
+@dataclass(frozen=True)
+class ProfilerStats:
+    """Request-path counters of a ``RequestProfiler``."""
+
+    requests: int
+    sampled: int
+    profiles_emitted: int
+    empty: int  # sampled requests that collected no sample
+    faults: int  # failures inside profiling, absorbed
+
+
+class RequestHandle:
+    """One profiled request, from the decision to its record. Made per request, never shared."""
+
+    __slots__ = (
+        "_cpu_scope",
+        "_done",
+        "_memory_scope",
+        "_owner",
+        "attributes",
+        "link",
+        "status_code",
+    )
+
+    def __init__(self, owner: RequestProfiler, link: SpanLink | None) -> None:
+        self._owner = owner
+        self._cpu_scope: Scope | None = None
+        self._memory_scope: Any = None
+        self._done = False
+        self.link = link
+        self.attributes: dict[str, AttributeScalar] = {}
+        self.status_code: int | None = None
+
+    @property
+    def cpu_scope(self) -> Scope | None:
+        return self._cpu_scope
+
+    def set_route(self, route: str | None) -> None:
+        if route:
+            self.attributes["http.route"] = route
+
+    def set_error(self, exc: BaseException) -> None:
+        self.attributes["error.type"] = type(exc).__qualname__
+
+    def finish(self) -> None:
+        """Close the request's scopes and queue its record. Idempotent, never raises."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._owner._finish(self)
+        except Exception:
+            self._owner._fault("closing a request's profile")
+
+
+class RequestProfiler:
+    """Decides which requests to profile and collects exactly their samples.
+
+    Parameters:
+        sampler: the strategy asked once per request.
+        processor: where closed requests go (a ``BatchProcessor`` around an exporter).
+        cpu: CPU sampling configuration, or ``None`` for no CPU samples.
+        memory: a ``MemoryProfilerConfig`` for heap samples, or ``None``.
+        exclude_paths: globs of paths never profiled (health checks, metrics).
+        enabled: ``False`` turns the whole middleware into a pass-through.
+        extra_attributes: added to every profile (e.g. deployment labels).
+    """
+
+    def __init__(
+        self,
+        *,
+        sampler: SamplingStrategy,
+        processor: BatchProcessor,
+        cpu: CpuProfilerConfig | None = None,
+        memory: Any = None,
+        exclude_paths: Sequence[str] = (),
+        enabled: bool = True,
+        extra_attributes: Mapping[str, AttributeScalar] | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.processor = processor
+        self.cpu = cpu
+        self.memory = memory
+        self.enabled = enabled
+        self.exclude_paths = tuple(exclude_paths)
+        self._excluded = compile_globs(self.exclude_paths)
+        self._extra = dict(extra_attributes or {})
+        self._requests = 0
+        self._sampled = 0
+        self._emitted = 0
+        self._empty = 0
+        self._faults = 0
+        if cpu is not None:
+            _offload.install()
+
+    # ------------------------------------------------------------------ decision
+    def should_profile(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Callable[[], Mapping[str, str]] | None = None,
+        route: str | None = None,
+        options: RouteOptions | None = None,
+    ) -> bool:
+        """The per-request decision: enabled, not excluded, route override, then strategy."""
+        self._requests += 1
+        if not self.enabled:
+            return False
+        if options is not None and options.force is not None:
+            return options.force
+        if self._excluded(path):
+            return False
+        strategy = options.sampler if options is not None and options.sampler else self.sampler
+        try:
+            if strategy.needs_request:
+                hdrs = headers() if headers is not None else {}
+                info = RequestInfo(
+                    method,
+                    path,
+                    route,
+                    hdrs,
+                    trace_sampled_flag(hdrs.get("traceparent")),
+                )
+                return decide(strategy, info)
+            return strategy.should_sample()
+        except Exception:
+            self._fault("the sampling strategy")
+            return False
+
+    # ------------------------------------------------------------------ scopes
+    def begin(
+        self,
+        method: str,
+        *,
+        root_frame: FrameType | None = None,
+        route: str | None = None,
+        options: RouteOptions | None = None,
+    ) -> RequestHandle | None:
+        """Open a sampled request's scopes on this thread (or below ``root_frame``).
+
+        Returns None (and counts a fault) if profiling could not start; the request then runs
+        unprofiled.
+        """
+        try:
+            handle = RequestHandle(self, current_span_link())
+            handle.attributes["http.request.method"] = method
+            if route:
+                handle.attributes["http.route"] = route
+            if self._extra:
+                handle.attributes.update(self._extra)
+            cpu = self.cpu
+            if options is not None:
+                if options.attributes:
+                    handle.attributes.update(options.attributes)
+                if isinstance(options.cpu, CpuProfilerConfig):
+                    cpu = options.cpu
+                elif options.cpu is False:
+                    cpu = None
+                elif options.cpu is True and cpu is None:
+                    cpu = CpuProfilerConfig()
+            if cpu is not None:
+                max_ns = round(cpu.max_duration_seconds * 1e9) if cpu.max_duration_seconds else None
+                if root_frame is None:
+                    handle._cpu_scope = ENGINE.open_thread_scope(
+                        period_ns=cpu.period_ns,
+                        include_system_calls=cpu.include_system_calls,
+                        max_duration_ns=max_ns,
+                        max_depth=cpu.max_stack_depth,
+                    )
+                else:
+                    handle._cpu_scope = ENGINE.open_frame_scope(
+                        root_frame,
+                        period_ns=cpu.period_ns,
+                        include_system_calls=cpu.include_system_calls,
+                        max_duration_ns=max_ns,
+                        max_depth=cpu.max_stack_depth,
+                    )
+            memory = self.memory
+            if options is not None and options.memory is not None:
+                memory = None if options.memory is False else options.memory
+            if memory is not None:
+                from ..profiling.memory import open_memory_scope
+
+                handle._memory_scope = open_memory_scope(memory)
+            self._sampled += 1
+            return handle
+        except Exception:
+            self._fault("opening a request's profile")
+            return None
+
+    def enter_context(self, handle: RequestHandle) -> contextvars.Token[Scope | None] | None:
+        """Make ``handle``'s CPU scope the current one, so offloaded work is attributed."""
+        if handle._cpu_scope is None:
+            return None
+        return _offload.CURRENT_SCOPE.set(handle._cpu_scope)
+
+    @staticmethod
+    def exit_context(token: contextvars.Token[Scope | None] | None) -> None:
+        if token is not None:
+            try:
+                _offload.CURRENT_SCOPE.reset(token)
+            except ValueError:  # reset from another context: nothing of ours to undo there
+                pass
+
+    def _finish(self, handle: RequestHandle) -> None:
+        scope = handle._cpu_scope
+        cpu_samples: tuple[Any, ...] = ()
+        period = 0
+        start_ns = time.time_ns()
+        duration_ns = 0
+        if scope is not None:
+            ENGINE.close(scope)
+            cpu_samples = tuple(scope.samples)
+            period = scope.period_ns
+            start_ns = scope.opened_ns
+            duration_ns = scope.duration_ns
+        heap_samples: Sequence[Any] = ()
+        heap_period = 0
+        if handle._memory_scope is not None:
+            heap_samples, heap_period = handle._memory_scope.close()
+        if handle.status_code is not None:
+            handle.attributes["http.response.status_code"] = handle.status_code
+        if not cpu_samples and not heap_samples:
+            self._empty += 1
+            return
+        record = ProfileRecord(
+            profile_id=new_profile_id(),
+            start_time_ns=start_ns,
+            duration_ns=duration_ns,
+            cpu_samples=cpu_samples,
+            cpu_period_ns=period,
+            heap_samples=heap_samples,
+            heap_period_bytes=heap_period,
+            link=handle.link,
+            attributes=handle.attributes,
+        )
+        if self.processor.emit(record):
+            self._emitted += 1
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _fault(self, where: str) -> None:
+        self._faults += 1
+        _faults.exception("otlp_middleware: failure in %s; the request is not affected", where)
+
+    def stats(self) -> ProfilerStats:
+        return ProfilerStats(
+            requests=self._requests,
+            sampled=self._sampled,
+            profiles_emitted=self._emitted,
+            empty=self._empty,
+            faults=self._faults,
+        )
+
+    def force_flush(self, timeout: float = 30.0) -> bool:
+        return self.processor.force_flush(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self.processor.shutdown(timeout)
+
+

@@ -1,0 +1,115 @@
+"""``ProfilingMiddleware``: pure ASGI middleware profiling sampled HTTP requests.
+
+Pure ASGI (never Starlette's ``BaseHTTPMiddleware``, which breaks contextvar propagation):
+non-HTTP scopes (lifespan, websocket) pass straight through, ``send`` is wrapped only to
+read the status and to notice the last body chunk, and responses stream unchanged.
+
+A sampled request owns the frames below this middleware's own coroutine frame: samples of
+the event loop's thread belong to the request whose frame is on the sampled stack, so
+concurrent requests on one loop never share samples. Work the request offloads to threads
+(``def`` endpoints, ``asyncio.to_thread``, ``run_in_executor``) stays attributed to it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from ._core import RequestHandle, RequestProfiler
+from ._factory import build_request_profiler
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _headers(scope: Scope) -> Mapping[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+def route_template(scope: Scope, root_path: str) -> str | None:
+    """The matched route's template (Starlette/FastAPI set ``scope["route"]``), else None.
+
+    Mounted sub-applications add their mount prefix to ``root_path``; it is kept in front of
+    the inner route's template.
+    """
+    route = scope.get("route")
+    path = getattr(route, "path", None) if route is not None else None
+    if not isinstance(path, str):
+        return None
+    prefix = str(scope.get("root_path", ""))[len(root_path) :]
+    return prefix + path
+
+
+class ProfilingMiddleware:
+    """Profiles sampled HTTP requests of any ASGI app (FastAPI, Starlette, Django ASGI, ...).
+
+    Parameters: ``app``, then keyword options (see ``otlp_middleware.config.Settings``):
+    ``sampler`` (a strategy or spec such as ``"probabilistic:0.1"``), ``cpu`` (True/False or
+    a ``CpuProfilerConfig``), ``memory``, ``exporter`` (any ``Exporter``; default: OTLP when
+    an endpoint is configured, else pprof files in ``./profiles``), ``exclude_paths`` (globs),
+    ``enabled``, and the rest of the settings; or a ready ``profiler=RequestProfiler(...)``.
+
+    Example::
+
+        app = FastAPI()
+        app.add_middleware(ProfilingMiddleware, sampler="rate:10")
+    """
+
+    def __init__(self, app: ASGIApp, *, profiler: RequestProfiler | None = None, **options: Any):
+        self.app = app
+        self.profiler = profiler if profiler is not None else build_request_profiler(**options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        profiler = self.profiler
+        method = scope.get("method", "GET")
+        if not profiler.should_profile(method, scope.get("path", ""), headers=lambda: _headers(scope)):
+            await self.app(scope, receive, send)
+            return
+        handle = profiler.begin(method, root_frame=sys._getframe())
+        if handle is None:
+            await self.app(scope, receive, send)
+            return
+        token = profiler.enter_context(handle)
+        try:
+            await self._call_profiled(handle, scope, receive, send)
+        finally:
+            profiler.exit_context(token)
+
+    async def _call_profiled(
+        self, handle: RequestHandle, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        root_path = str(scope.get("root_path", ""))
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message.get("type")
+            if kind == "http.response.start":
+                handle.status_code = message.get("status")
+            await send(message)
+            if kind == "http.response.body" and not message.get("more_body", False):
+                # The response is complete: close now (background tasks are not the request).
+                _close(handle, scope, root_path)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            handle.set_error(exc)
+            if handle.status_code is None:
+                handle.status_code = 500
+            raise
+        finally:
+            _close(handle, scope, root_path)
+
+
+def _close(handle: RequestHandle, scope: Scope, root_path: str) -> None:
+    try:
+        handle.set_route(route_template(scope, root_path))
+    except Exception:  # a route object we do not understand: no route attribute
+        pass
+    handle.finish()
