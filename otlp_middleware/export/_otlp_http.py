@@ -106,10 +106,7 @@ def _endpoint_problem(url: str) -> str | None:
 def redact_url(url: str) -> str:
     """``url`` without user info, query or fragment: safe to log (those may hold secrets)."""
     parsed = urllib.parse.urlsplit(url)
-    host = parsed.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    netloc = parsed.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
 
 
