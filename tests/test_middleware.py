@@ -1,0 +1,366 @@
+"""The middleware in-process: pass-through rules, failure isolation, export queue behaviour.
+
+Apps are called through their real ASGI/WSGI interfaces; exporters are real ``Exporter``
+implementations that keep what they receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from otlp_middleware.export import BatchProcessor, ExportResult, FileExporter
+from otlp_middleware.middleware import ProfilingMiddleware, RequestProfiler, WSGIProfilingMiddleware
+from otlp_middleware.profiling import CpuProfilerConfig
+from otlp_middleware.profiling._engine import ENGINE
+from otlp_middleware.profiling.sampling import NeverSample, SamplingStrategy, SamplingStats
+from otlp_middleware.types import ProfileRecord
+
+from . import workloads
+
+
+class KeepingExporter:
+    def __init__(self) -> None:
+        self.records: list[ProfileRecord] = []
+        self.shut = False
+
+    def export(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        self.records.extend(records)
+        return ExportResult(success=True, exported=len(records))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.shut = True
+
+
+class FailingExporter(KeepingExporter):
+    def export(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        raise OSError("disk on fire")
+
+
+class BlockingExporter(KeepingExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def export(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        self.release.wait(10)
+        return super().export(records)
+
+
+def names(record: ProfileRecord) -> set[str]:
+    from otlp_middleware.profiling._frames import FRAMES
+
+    return {FRAMES.info(f).name for s in record.cpu_samples for f in s.stack}
+
+
+async def asgi_get(app: Any, path: str, method: str = "GET") -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "root_path": ""}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def cpu_app(scope: Any, receive: Any, send: Any) -> None:
+    workloads.hot_function(0.1)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def make(app: Any, exporter: Any, **options: Any) -> ProfilingMiddleware:
+    options.setdefault("sampler", "always")
+    options.setdefault("schedule_delay", 0.05)
+    return ProfilingMiddleware(app, exporter=exporter, **options)
+
+
+@pytest.fixture
+def tracer() -> trace.Tracer:
+    return TracerProvider().get_tracer("test")
+
+
+def test_asgi_profiles_a_request_with_its_span(tracer: trace.Tracer) -> None:
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter)
+
+    async def main() -> None:
+        with tracer.start_as_current_span("server") as span:
+            await asgi_get(mw, "/x")
+            ctx = span.get_span_context()
+        mw.profiler.shutdown(5)
+        (record,) = exporter.records
+        assert record.link is not None
+        assert record.link.trace_id == ctx.trace_id.to_bytes(16, "big")
+        assert record.link.span_id == ctx.span_id.to_bytes(8, "big")
+
+    asyncio.run(main())
+    record = exporter.records[0]
+    assert "hot_function" in names(record)
+    assert record.attributes["http.request.method"] == "GET"
+    assert record.attributes["http.response.status_code"] == 200
+    assert "http.route" not in record.attributes, "never the raw path by default"
+    assert len(record.profile_id) == 16 and any(record.profile_id)
+    assert exporter.shut
+
+
+def test_non_http_scopes_pass_through_untouched() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+        workloads.spin(0.05)
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+    for kind in ("lifespan", "websocket"):
+        scope = {"type": kind}
+        asyncio.run(mw(scope, None, None))  # type: ignore[arg-type]
+        assert seen[-1] is scope
+    mw.profiler.shutdown(5)
+    assert exporter.records == [] and mw.profiler.stats().requests == 0
+
+
+def test_asgi_exception_propagates_unchanged_and_profile_is_kept() -> None:
+    class Boom(Exception):
+        pass
+
+    error = Boom("x")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        workloads.hot_function(0.1)
+        raise error
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+    with pytest.raises(Boom) as info:
+        asyncio.run(asgi_get(mw, "/boom"))
+    assert info.value is error
+    mw.profiler.shutdown(5)
+    (record,) = exporter.records
+    assert record.attributes["error.type"] == "test_asgi_exception_propagates_unchanged_and_profile_is_kept.<locals>.Boom"
+    assert record.attributes["http.response.status_code"] == 500
+
+
+def test_asgi_streaming_is_not_buffered() -> None:
+    """Each chunk reaches the server before the app produces the next one."""
+    order: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(3):
+            order.append(f"produce{i}")
+            await send({"type": "http.response.body", "body": b"x", "more_body": i < 2})
+
+    mw = make(app, KeepingExporter())
+
+    async def main() -> None:
+        scope = {"type": "http", "method": "GET", "path": "/s", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                order.append("sent")
+
+        await mw(scope, receive, send)
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    assert order == ["produce0", "sent", "produce1", "sent", "produce2", "sent"]
+
+
+def test_excluded_paths_and_disabled_middleware() -> None:
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter, exclude_paths=["/health*", "/metrics"])
+    asyncio.run(asgi_get(mw, "/healthz"))
+    asyncio.run(asgi_get(mw, "/metrics"))
+    off = make(cpu_app, exporter, enabled=False)
+    asyncio.run(asgi_get(off, "/x"))
+    mw.profiler.shutdown(5)
+    off.profiler.shutdown(5)
+    assert exporter.records == []
+    assert mw.profiler.stats().sampled == 0 and off.profiler.stats().sampled == 0
+
+
+def test_requests_without_samples_export_nothing() -> None:
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    exporter = KeepingExporter()
+    mw = make(quick, exporter)
+    for _ in range(20):
+        asyncio.run(asgi_get(mw, "/quick"))
+    mw.profiler.shutdown(5)
+    stats = mw.profiler.stats()
+    assert stats.sampled == 20
+    assert stats.profiles_emitted == len(exporter.records) <= 2
+    assert stats.empty >= 18
+
+
+def test_failing_exporter_never_reaches_the_app(caplog: pytest.LogCaptureFixture) -> None:
+    exporter = FailingExporter()
+    mw = make(cpu_app, exporter)
+    for _ in range(3):
+        sent = asyncio.run(asgi_get(mw, "/x"))
+        assert sent[-1]["body"] == b"ok"
+    assert mw.profiler.force_flush(5)
+    mw.profiler.shutdown(5)
+    assert mw.profiler.processor.stats().failed == 3
+    assert "disk on fire" in caplog.text
+
+
+def test_full_queue_drops_and_counts_without_blocking() -> None:
+    exporter = BlockingExporter()
+    processor = BatchProcessor(exporter, max_queue_size=2, max_export_batch_size=1, schedule_delay=0.01)
+    profiler = RequestProfiler(sampler=_always(), processor=processor, cpu=CpuProfilerConfig())
+    mw = ProfilingMiddleware(cpu_app, profiler=profiler)
+    started = time.monotonic()
+    for _ in range(8):
+        asyncio.run(asgi_get(mw, "/x"))
+    elapsed = time.monotonic() - started
+    exporter.release.set()
+    profiler.shutdown(5)
+    stats = processor.stats()
+    assert stats.dropped >= 4, stats
+    assert stats.emitted + stats.dropped == 8
+    assert elapsed < 8 * 0.1 + 5, "requests were not held up by the blocked exporter"
+
+
+class ExplodingSampler(SamplingStrategy):
+    def should_sample(self) -> bool:  # type: ignore[override]
+        raise RuntimeError("sampler bug")
+
+    def reset(self) -> None:
+        pass
+
+    def stats(self) -> SamplingStats:
+        return SamplingStats(0, 0)
+
+
+def _always() -> SamplingStrategy:
+    from otlp_middleware.profiling.sampling import AlwaysSample
+
+    return AlwaysSample()
+
+
+def test_faults_inside_profiling_do_not_break_requests(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter, sampler=ExplodingSampler())
+    assert asyncio.run(asgi_get(mw, "/x"))[-1]["body"] == b"ok"
+    assert mw.profiler.stats().faults == 1
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("engine bug")
+
+    mw2 = make(cpu_app, exporter)
+    monkeypatch.setattr(ENGINE, "open_frame_scope", broken)
+    assert asyncio.run(asgi_get(mw2, "/x"))[-1]["body"] == b"ok"
+    monkeypatch.undo()
+    assert mw2.profiler.stats().faults == 1
+    mw.profiler.shutdown(5)
+    mw2.profiler.shutdown(5)
+    assert "the request is not affected" in caplog.text
+
+
+def test_never_sampler_skips_everything() -> None:
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter, sampler=NeverSample())
+    asyncio.run(asgi_get(mw, "/x"))
+    mw.profiler.shutdown(5)
+    assert exporter.records == [] and mw.profiler.stats().requests == 1
+
+
+# ---------------------------------------------------------------- WSGI
+def wsgi_call(app: Any, path: str) -> tuple[str, list[bytes], Any]:
+    status: list[str] = []
+
+    def start_response(s: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        status.append(s)
+        return lambda data: None
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "HTTP_TRACEPARENT": "x"}
+    body = app(environ, start_response)
+    return status[0] if status else "", list(body), body
+
+
+def test_wsgi_scope_closes_when_the_body_is_closed() -> None:
+    exporter = KeepingExporter()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+
+        def gen() -> Any:
+            for _ in range(3):
+                workloads.hot_function(0.05)
+                yield b"x"
+
+        return gen()
+
+    mw = WSGIProfilingMiddleware(app, exporter=exporter, sampler="always")
+    status, chunks, body = wsgi_call(mw, "/w")
+    assert ENGINE.open_scopes == 1, "the scope stays open while the body streams"
+    body.close()
+    assert ENGINE.open_scopes == 0
+    mw.profiler.shutdown(5)
+    assert status == "200 OK" and chunks == [b"x"] * 3
+    (record,) = exporter.records
+    assert "hot_function" in names(record)
+    assert record.attributes["http.response.status_code"] == 200
+
+
+def test_wsgi_exception_propagates_and_scope_closes() -> None:
+    exporter = KeepingExporter()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        workloads.hot_function(0.1)
+        raise KeyError("k")
+
+    mw = WSGIProfilingMiddleware(app, exporter=exporter, sampler="always")
+    with pytest.raises(KeyError):
+        wsgi_call(mw, "/w")
+    assert ENGINE.open_scopes == 0
+    mw.profiler.shutdown(5)
+    assert exporter.records[0].attributes["error.type"] == "KeyError"
+
+
+def test_file_exporter_per_request_and_aggregate(tmp_path: Any) -> None:
+    import os
+
+    from otlp_middleware.pprof import read_profile
+
+    per_request = FileExporter(tmp_path / "each", max_files=3)
+    mw = make(cpu_app, per_request)
+    for _ in range(5):
+        asyncio.run(asgi_get(mw, "/x"))
+    mw.profiler.shutdown(5)
+    files = sorted(os.listdir(tmp_path / "each"))
+    assert len(files) == 3, "oldest files removed beyond max_files"
+    assert all(f.endswith(".cpu.pb.gz") and "_GET_" in f for f in files)
+
+    aggregate = FileExporter(tmp_path / "agg", aggregate=True)
+    mw = make(cpu_app, aggregate, schedule_delay=30)
+    for _ in range(4):
+        asyncio.run(asgi_get(mw, "/x"))
+    mw.profiler.shutdown(5)
+    (name,) = os.listdir(tmp_path / "agg")
+    profile = read_profile(tmp_path / "agg" / name)
+    st = profile.string_table
+    assert f"requests=4" in [st[c] for c in profile.comment]
+    methods = {st[lab.str] for s in profile.sample for lab in s.label if st[lab.key] == "http.request.method"}
+    assert methods == {"GET"}
