@@ -1,0 +1,88 @@
+"""Native CPU sampler (C extension, Linux, CPython 3.10-3.13).
+
+Each thread inside a scope calls :func:`arm_thread`: a POSIX timer on its own CPU-time clock
+fires every ``1/hz`` CPU-seconds and delivers ``SIGRTMIN+3`` to that very thread, whose
+handler copies the thread's own Python stack into a preallocated lock-free ring. The handler
+allocates nothing and takes no lock. :func:`drain` returns the samples, with the GIL.
+
+Usage::
+
+    from otlp_middleware.profiling import _cpu_native
+
+    _cpu_native.start(99.0)
+    _cpu_native.arm_thread(token)        # in the thread entering the scope
+    ...                                  # the scope's work
+    _cpu_native.disarm_thread()          # in the same thread
+    for token, roots, tid, cpu_ns, ts_ns, frames in _cpu_native.drain():
+        ...
+    _cpu_native.stop()
+
+The kernel checks CPU timers on its scheduler tick, so a period shorter than the tick is
+delivered as fewer signals whose ``cpu_ns`` covers the coalesced periods (timer overruns).
+"""
+
+from types import FrameType
+
+#: The real-time signal the timers deliver (SIGRTMIN+3).
+SIGNAL: int
+#: Frames kept per sample (leaf first); deeper stacks are cut and counted as truncated.
+MAX_DEPTH: int
+#: Root tokens kept per sample.
+MAX_ROOTS: int
+
+Frame = tuple[str, str, int, int]
+"""(qualified name, file name, first line, current line)."""
+
+Sample = tuple[int, tuple[int, ...], int, int, int, tuple[Frame, ...]]
+"""(thread_token, root_tokens leaf first, native thread id, cpu_ns, unix timestamp_ns,
+frames leaf first)."""
+
+def start(hz: float, capacity: int = 4096) -> None:
+    """Install the signal handler and allocate a ring of ``capacity`` samples (rounded up
+    to a power of two). Idempotent: when already started only the frequency changes.
+
+    Raises RuntimeError when the signal already has a foreign handler.
+    """
+
+def stop() -> None:
+    """Delete every timer (also those of threads that died armed), restore the previous
+    signal disposition, free the buffers (undrained samples are discarded) and forget every
+    root. Idempotent."""
+
+def is_started() -> bool:
+    """Whether :func:`start` ran (and :func:`stop` has not)."""
+
+def set_frequency(hz: float) -> None:
+    """Change the period of every armed timer (and of timers armed later)."""
+
+def arm_thread(token: int) -> None:
+    """Sample the calling thread; its samples carry ``token``. Calling it again only
+    changes the token. The countdown left at the last :func:`disarm_thread` carries over.
+
+    Raises RuntimeError when the sampler is not started.
+    """
+
+def disarm_thread() -> None:
+    """Stop sampling the calling thread and delete its timer (no-op if not armed)."""
+
+def add_root(frame: FrameType, token: int) -> None:
+    """Register a coroutine's frame (``coro.cr_frame``): a sample whose stack holds it
+    carries ``token`` in its root tokens. Registering the same frame again changes the
+    token. The frame is kept alive until :func:`remove_root` or :func:`stop`."""
+
+def remove_root(frame: FrameType) -> bool:
+    """Forget a root frame; returns whether it was registered."""
+
+def drain() -> list[Sample]:
+    """Take every sample recorded so far (oldest first)."""
+
+def stats() -> dict[str, int]:
+    """Counters: samples, dropped (ring full), timers_active, signals_received,
+    skipped_no_python, skipped_no_thread_state, skipped_not_armed, function_table_full,
+    truncated, overruns, roots, started, signal."""
+
+def active_timers() -> int:
+    """The number of timers currently created by this module."""
+
+def _after_fork_child() -> None:
+    """Reset all state in a forked child: timers are not inherited by ``fork()``."""

@@ -1,0 +1,1196 @@
+/*
+ * otlp_middleware.profiling._cpu_native - the native CPU sampler (Linux, CPython 3.10-3.13).
+ *
+ * Contract
+ * --------
+ * Each thread that runs inside a profiling scope calls arm_thread(token): it gets a POSIX
+ * timer on its own CPU-time clock (pthread_getcpuclockid) that fires every 1/hz CPU-seconds
+ * and is delivered to that very thread (SIGEV_THREAD_ID) on SIGRTMIN+3.  The signal handler
+ * runs on the interrupted thread, walks that thread's own Python frames (read from its own
+ * thread state, found through PyGILState_GetThisThreadState, never from the GIL holder) and
+ * copies, per frame, the function's qualified name, file name, first line and current line
+ * into preallocated memory: a lock-free table of functions (interned by content) and a
+ * lock-free ring of samples.  drain() turns the ring into Python tuples with the GIL.
+ *
+ * The handler allocates nothing, takes no lock and calls no Python API except pure readers
+ * (PyGILState_GetThisThreadState, PyCode_Addr2Line which only scans the immutable line
+ * table of a code object that the interrupted - hence suspended - frame keeps alive).
+ *
+ * Line numbers are computed in the handler: the code object is provably alive while the
+ * handler runs (its frame is on the suspended thread's stack), whereas in drain() nothing
+ * would prove it still exists.
+ *
+ * A sample on a thread with no Python frame (thread start-up/teardown, pure C threads) is
+ * skipped and counted in stats()["skipped_no_python"].
+ *
+ * Asyncio: add_root(frame, token) registers a coroutine's frame object (coro.cr_frame); a
+ * sample whose stack contains that frame carries its token in root_tokens (leaf first).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#if !defined(__linux__)
+#error "cpu_sampler: Linux only (POSIX CPU-clock timers with SIGEV_THREAD_ID)"
+#endif
+#if PY_VERSION_HEX < 0x030A0000 || PY_VERSION_HEX >= 0x030E0000
+#error "cpu_sampler: supports CPython 3.10 to 3.13 frame layouts only"
+#endif
+#ifdef Py_GIL_DISABLED
+#error "cpu_sampler: the free-threaded build is not supported"
+#endif
+
+#if PY_VERSION_HEX >= 0x030B0000
+#define Py_BUILD_CORE 1
+#include <internal/pycore_frame.h>
+#undef Py_BUILD_CORE
+#else
+#include <frameobject.h>
+#endif
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+#define MAX_DEPTH 64            /* frames kept per sample (leaf first) */
+#define MAX_WALK 4096           /* frames walked at most (root matching beyond MAX_DEPTH) */
+#define MAX_ROOTS 8             /* root tokens kept per sample */
+#define NAME_CAP 128            /* bytes of a qualified name kept */
+#define FILE_CAP 256            /* bytes of a file name kept (its tail when longer) */
+#define FUNC_CAP 8192           /* distinct functions interned per start() (power of two) */
+#define FUNC_PROBES 64
+#define FUNC_NONE 0xFFFFFFFFu
+#define ROOT_CAP 4096
+#define TIMER_CAP 4096
+#define MAX_CAPACITY (1u << 20)
+
+typedef struct {
+    uint32_t func;
+    int32_t line;
+} frame_ref_t;
+
+typedef struct {
+    _Atomic uint64_t seq; /* Vyukov bounded queue sequence */
+    int64_t token;
+    int64_t cpu_ns;
+    int64_t ts_ns;
+    int64_t roots[MAX_ROOTS];
+    int32_t tid;
+    uint16_t depth;
+    uint8_t n_roots;
+    uint8_t truncated;
+    frame_ref_t frames[MAX_DEPTH];
+} slot_t;
+
+typedef struct {
+    _Atomic uint32_t state; /* 0 empty, 1 being written, 2 ready */
+    int32_t first_line;
+    uint64_t hash;
+    uint16_t name_len;
+    uint16_t file_len;
+    char name[NAME_CAP];
+    char file[FILE_CAP];
+} func_t;
+
+typedef struct {
+    _Atomic(void *) key; /* the PyFrameObject, compared with frames on the stack */
+    _Atomic int64_t token;
+    PyObject *frame; /* strong reference (GIL), so the address cannot be reused */
+} root_t;
+
+typedef struct {
+    int used;
+    pid_t tid;
+    timer_t timer;
+} tslot_t;
+
+/* ---------------------------------------------------------------- global state */
+static int g_started;
+static int g_signo;
+static pid_t g_pid;
+static unsigned g_gen = 1; /* bumped on start/stop/fork: invalidates per-thread caches */
+static struct sigaction g_old_action;
+
+static slot_t *g_ring;
+static uint64_t g_mask;
+static _Atomic uint64_t g_head;
+static uint64_t g_tail; /* consumer side, touched only with the GIL */
+static func_t *g_funcs;
+
+static _Atomic int g_enabled;
+static _Atomic int64_t g_period_ns;
+static _Atomic int g_in_handler;
+
+static _Atomic uint64_t st_samples, st_dropped, st_signals, st_no_python, st_no_tstate,
+    st_not_armed, st_func_full, st_truncated, st_overruns;
+
+static root_t g_roots[ROOT_CAP];
+static _Atomic int g_roots_hwm;
+static int g_n_roots;
+
+static tslot_t g_timers[TIMER_CAP];
+static int g_timers_active;
+static pthread_mutex_t g_timer_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t g_key;
+
+/* per thread; touched by arm_thread first so that the handler never allocates TLS */
+static __thread volatile int tl_armed;
+static __thread volatile int64_t tl_token;
+static __thread int tl_slot = -1;
+static __thread volatile int tl_has_timer;
+static __thread timer_t tl_timer;
+static __thread unsigned tl_gen;
+static __thread int64_t tl_remaining_ns;
+static __thread unsigned tl_remaining_gen;
+
+/* drain-side caches (GIL) */
+static PyObject **g_func_objs; /* FUNC_CAP entries: (name, filename, first_line) */
+typedef struct {
+    uint64_t key; /* (func << 32 | line) + 1, 0 = empty */
+    PyObject *tuple;
+} fcache_t;
+static fcache_t *g_fcache;
+static size_t g_fcache_cap, g_fcache_len;
+#define FCACHE_MAX (1u << 20)
+
+static inline pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
+
+static inline int64_t now_ns(clockid_t clk)
+{
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline struct timespec ns_to_ts(int64_t ns)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)(ns / 1000000000LL);
+    ts.tv_nsec = (long)(ns % 1000000000LL);
+    return ts;
+}
+
+/* ---------------------------------------------------------------- handler side */
+
+/* Copy a str object's text into dst (at most cap bytes), async-signal-safe. */
+static int copy_str(PyObject *s, char *dst, int cap, int keep_tail)
+{
+    if (s == NULL || Py_TYPE(s) != &PyUnicode_Type) {
+        dst[0] = '?';
+        return 1;
+    }
+    PyASCIIObject *a = (PyASCIIObject *)s;
+    if (!a->state.compact) {
+        dst[0] = '?';
+        return 1;
+    }
+    Py_ssize_t n = a->length;
+    const char *src = NULL;
+    if (a->state.ascii) {
+        src = (const char *)(a + 1);
+    }
+    else {
+        PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)s;
+        if (c->utf8 != NULL) {
+            src = c->utf8;
+            n = c->utf8_length;
+        }
+    }
+    Py_ssize_t start = 0;
+    int off = 0;
+    if (n > cap) {
+        if (keep_tail) {
+            memcpy(dst, "...", 3);
+            off = 3;
+            start = n - (cap - 3);
+        }
+        n = start + (cap - off);
+    }
+    if (src != NULL) {
+        memcpy(dst + off, src + start, (size_t)(n - start));
+        return off + (int)(n - start);
+    }
+    /* compact non-ASCII without cached UTF-8: keep ASCII, mark the rest '?' */
+    const void *data = (const void *)(((PyCompactUnicodeObject *)s) + 1);
+    unsigned kind = a->state.kind;
+    for (Py_ssize_t i = start; i < n; i++) {
+        uint32_t ch = kind == 1   ? ((const uint8_t *)data)[i]
+                      : kind == 2 ? ((const uint16_t *)data)[i]
+                                  : ((const uint32_t *)data)[i];
+        dst[off++] = ch < 128 ? (char)ch : '?';
+    }
+    return off;
+}
+
+static inline uint64_t fnv1a(uint64_t h, const char *p, int n)
+{
+    for (int i = 0; i < n; i++) {
+        h ^= (uint8_t)p[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+/* Intern a code object's (qualname, filename, first line) into g_funcs; lock-free. */
+static uint32_t intern_code(PyCodeObject *co)
+{
+    char name[NAME_CAP], file[FILE_CAP];
+#if PY_VERSION_HEX >= 0x030B0000
+    int nl = copy_str(co->co_qualname, name, NAME_CAP, 0);
+#else
+    int nl = copy_str(co->co_name, name, NAME_CAP, 0);
+#endif
+    int fl = copy_str(co->co_filename, file, FILE_CAP, 1);
+    int32_t first = co->co_firstlineno;
+    uint64_t h = fnv1a(14695981039346656037ULL, name, nl);
+    h = fnv1a(h ^ 0xff, file, fl);
+    h ^= (uint64_t)(uint32_t)first * 0x9E3779B97F4A7C15ULL;
+    uint32_t i = (uint32_t)(h ^ (h >> 32)) & (FUNC_CAP - 1);
+    for (int probe = 0; probe < FUNC_PROBES; probe++, i = (i + 1) & (FUNC_CAP - 1)) {
+        func_t *e = &g_funcs[i];
+        uint32_t st = atomic_load_explicit(&e->state, memory_order_acquire);
+        if (st == 0) {
+            uint32_t expected = 0;
+            if (atomic_compare_exchange_strong_explicit(&e->state, &expected, 1,
+                                                        memory_order_acq_rel,
+                                                        memory_order_acquire)) {
+                e->first_line = first;
+                e->hash = h;
+                e->name_len = (uint16_t)nl;
+                e->file_len = (uint16_t)fl;
+                memcpy(e->name, name, (size_t)nl);
+                memcpy(e->file, file, (size_t)fl);
+                atomic_store_explicit(&e->state, 2, memory_order_release);
+                return i;
+            }
+            st = expected;
+        }
+        if (st == 2 && e->hash == h && e->first_line == first && e->name_len == nl &&
+            e->file_len == fl && memcmp(e->name, name, (size_t)nl) == 0 &&
+            memcmp(e->file, file, (size_t)fl) == 0) {
+            return i;
+        }
+        /* st == 1: another thread is writing this entry; probe on (at worst a duplicate) */
+    }
+    atomic_fetch_add_explicit(&st_func_full, 1, memory_order_relaxed);
+    return FUNC_NONE;
+}
+
+static inline void match_root(void *key, int64_t *roots, int *n_roots)
+{
+    int hwm = atomic_load_explicit(&g_roots_hwm, memory_order_acquire);
+    for (int i = 0; i < hwm; i++) {
+        if (atomic_load_explicit(&g_roots[i].key, memory_order_acquire) == key) {
+            int64_t tok = atomic_load_explicit(&g_roots[i].token, memory_order_acquire);
+            if (atomic_load_explicit(&g_roots[i].key, memory_order_acquire) == key &&
+                *n_roots < MAX_ROOTS) {
+                roots[(*n_roots)++] = tok;
+            }
+            return;
+        }
+    }
+}
+
+/* Walk the thread's Python frames, leaf first. */
+static void walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *truncated,
+                       int64_t *roots, int *n_roots)
+{
+    int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0;
+    int walked = 0;
+#if PY_VERSION_HEX >= 0x030B0000
+#if PY_VERSION_HEX >= 0x030D0000
+    _PyInterpreterFrame *f = ts->current_frame;
+#else
+    _PyInterpreterFrame *f = ts->cframe != NULL ? ts->cframe->current_frame : NULL;
+#endif
+    for (; f != NULL && walked < MAX_WALK; f = f->previous, walked++) {
+#if PY_VERSION_HEX >= 0x030D0000
+        PyObject *ex = f->f_executable;
+        if (ex == NULL || Py_TYPE(ex) != &PyCode_Type) {
+            continue;
+        }
+        PyCodeObject *co = (PyCodeObject *)ex;
+#else
+        PyCodeObject *co = f->f_code;
+        if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
+            continue;
+        }
+#endif
+#if PY_VERSION_HEX >= 0x030C0000
+        if (f->owner == FRAME_OWNED_BY_CSTACK) { /* shim/entry frames */
+            continue;
+        }
+#endif
+        if (_PyFrame_IsIncomplete(f)) {
+            continue;
+        }
+        if (have_roots && f->frame_obj != NULL) {
+            match_root((void *)f->frame_obj, roots, n_roots);
+        }
+        if (*depth < MAX_DEPTH) {
+            int lasti = _PyInterpreterFrame_LASTI(f);
+            int line = PyCode_Addr2Line(co, lasti * (int)sizeof(_Py_CODEUNIT));
+            frames[*depth].func = intern_code(co);
+            frames[*depth].line = line;
+            (*depth)++;
+        }
+        else {
+            *truncated = 1;
+            if (!have_roots) {
+                break;
+            }
+        }
+    }
+#else /* 3.10: PyFrameObject chain */
+    PyFrameObject *f = ts->frame;
+    for (; f != NULL && walked < MAX_WALK; f = f->f_back, walked++) {
+        PyCodeObject *co = f->f_code;
+        if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
+            continue;
+        }
+        if (have_roots) {
+            match_root((void *)f, roots, n_roots);
+        }
+        if (*depth < MAX_DEPTH) {
+            int line = f->f_lasti < 0 ? co->co_firstlineno
+                                      : PyCode_Addr2Line(co, f->f_lasti * 2);
+            frames[*depth].func = intern_code(co);
+            frames[*depth].line = line;
+            (*depth)++;
+        }
+        else {
+            *truncated = 1;
+            if (!have_roots) {
+                break;
+            }
+        }
+    }
+#endif
+    if (f != NULL) {
+        *truncated = 1;
+    }
+}
+
+static void on_signal(int signo, siginfo_t *si, void *uctx)
+{
+    (void)signo;
+    (void)uctx;
+    int saved_errno = errno;
+    atomic_fetch_add_explicit(&g_in_handler, 1, memory_order_acq_rel);
+    atomic_fetch_add_explicit(&st_signals, 1, memory_order_relaxed);
+    if (!atomic_load_explicit(&g_enabled, memory_order_acquire)) {
+        goto out;
+    }
+    if (!tl_armed) {
+        atomic_fetch_add_explicit(&st_not_armed, 1, memory_order_relaxed);
+        goto out;
+    }
+    PyThreadState *ts = PyGILState_GetThisThreadState();
+    if (ts == NULL) {
+        atomic_fetch_add_explicit(&st_no_tstate, 1, memory_order_relaxed);
+        goto out;
+    }
+    int64_t period = atomic_load_explicit(&g_period_ns, memory_order_relaxed);
+    /* expirations the kernel coalesced into this signal (CPU timers are checked on the
+     * scheduler tick, so a period shorter than the tick shows up as overruns) */
+    int overrun = (si != NULL && si->si_code == SI_TIMER && si->si_overrun > 0)
+                      ? si->si_overrun
+                      : 0;
+    if (overrun == 0 && tl_has_timer) {
+        int o = timer_getoverrun(tl_timer);
+        overrun = o > 0 ? o : 0;
+    }
+    if (overrun > 0) {
+        atomic_fetch_add_explicit(&st_overruns, (uint64_t)overrun, memory_order_relaxed);
+    }
+
+    frame_ref_t frames[MAX_DEPTH];
+    int64_t roots[MAX_ROOTS];
+    int depth = 0, truncated = 0, n_roots = 0;
+    walk_stack(ts, frames, &depth, &truncated, roots, &n_roots);
+    if (depth == 0) {
+        atomic_fetch_add_explicit(&st_no_python, 1, memory_order_relaxed);
+        goto out;
+    }
+
+    /* claim a ring slot (Vyukov bounded queue, multi-producer) */
+    uint64_t pos = atomic_load_explicit(&g_head, memory_order_relaxed);
+    slot_t *s;
+    for (;;) {
+        s = &g_ring[pos & g_mask];
+        uint64_t seq = atomic_load_explicit(&s->seq, memory_order_acquire);
+        int64_t dif = (int64_t)(seq - pos);
+        if (dif == 0) {
+            if (atomic_compare_exchange_weak_explicit(&g_head, &pos, pos + 1,
+                                                      memory_order_relaxed,
+                                                      memory_order_relaxed)) {
+                break;
+            }
+        }
+        else if (dif < 0) {
+            atomic_fetch_add_explicit(&st_dropped, 1, memory_order_relaxed);
+            goto out;
+        }
+        else {
+            pos = atomic_load_explicit(&g_head, memory_order_relaxed);
+        }
+    }
+    s->token = tl_token;
+    s->cpu_ns = period * (1 + (int64_t)overrun);
+    s->ts_ns = now_ns(CLOCK_REALTIME);
+    s->tid = my_tid();
+    s->depth = (uint16_t)depth;
+    s->truncated = (uint8_t)truncated;
+    s->n_roots = (uint8_t)n_roots;
+    memcpy(s->roots, roots, sizeof(int64_t) * (size_t)n_roots);
+    memcpy(s->frames, frames, sizeof(frame_ref_t) * (size_t)depth);
+    atomic_store_explicit(&s->seq, pos + 1, memory_order_release);
+    atomic_fetch_add_explicit(&st_samples, 1, memory_order_relaxed);
+    if (truncated) {
+        atomic_fetch_add_explicit(&st_truncated, 1, memory_order_relaxed);
+    }
+out:
+    atomic_fetch_sub_explicit(&g_in_handler, 1, memory_order_acq_rel);
+    errno = saved_errno;
+}
+
+/* ---------------------------------------------------------------- timers */
+
+static int set_timer(timer_t t, int64_t first_ns, int64_t period_ns)
+{
+    struct itimerspec its;
+    its.it_interval = ns_to_ts(period_ns);
+    its.it_value = ns_to_ts(first_ns > 0 ? first_ns : period_ns);
+    return timer_settime(t, 0, &its, NULL);
+}
+
+/* pthread key destructor: a thread that exits while armed deletes its own timer. */
+static void on_thread_exit(void *value)
+{
+    int i = (int)(intptr_t)value - 1;
+    pid_t me = my_tid();
+    tl_armed = 0;
+    tl_has_timer = 0;
+    pthread_mutex_lock(&g_timer_lock);
+    if (i >= 0 && i < TIMER_CAP && g_timers[i].used && g_timers[i].tid == me) {
+        timer_delete(g_timers[i].timer);
+        g_timers[i].used = 0;
+        g_timers_active--;
+    }
+    pthread_mutex_unlock(&g_timer_lock);
+}
+
+static void delete_all_timers(int really)
+{
+    pthread_mutex_lock(&g_timer_lock);
+    for (int i = 0; i < TIMER_CAP; i++) {
+        if (g_timers[i].used) {
+            if (really) {
+                timer_delete(g_timers[i].timer);
+            }
+            g_timers[i].used = 0;
+        }
+    }
+    g_timers_active = 0;
+    pthread_mutex_unlock(&g_timer_lock);
+}
+
+/* ---------------------------------------------------------------- drain-side caches */
+
+static void clear_caches(void)
+{
+    if (g_func_objs != NULL) {
+        for (size_t i = 0; i < FUNC_CAP; i++) {
+            Py_CLEAR(g_func_objs[i]);
+        }
+        PyMem_Free(g_func_objs);
+        g_func_objs = NULL;
+    }
+    if (g_fcache != NULL) {
+        for (size_t i = 0; i < g_fcache_cap; i++) {
+            Py_XDECREF(g_fcache[i].tuple);
+        }
+        PyMem_Free(g_fcache);
+        g_fcache = NULL;
+    }
+    g_fcache_cap = g_fcache_len = 0;
+}
+
+static void clear_roots(void)
+{
+    for (int i = 0; i < ROOT_CAP; i++) {
+        atomic_store(&g_roots[i].key, NULL);
+        atomic_store(&g_roots[i].token, 0);
+        Py_CLEAR(g_roots[i].frame);
+    }
+    atomic_store(&g_roots_hwm, 0);
+    g_n_roots = 0;
+}
+
+static void free_buffers(void)
+{
+    free(g_ring);
+    g_ring = NULL;
+    free(g_funcs);
+    g_funcs = NULL;
+    g_mask = 0;
+    atomic_store(&g_head, 0);
+    g_tail = 0;
+}
+
+static void reset_stats(void)
+{
+    atomic_store(&st_samples, 0);
+    atomic_store(&st_dropped, 0);
+    atomic_store(&st_signals, 0);
+    atomic_store(&st_no_python, 0);
+    atomic_store(&st_no_tstate, 0);
+    atomic_store(&st_not_armed, 0);
+    atomic_store(&st_func_full, 0);
+    atomic_store(&st_truncated, 0);
+    atomic_store(&st_overruns, 0);
+}
+
+/* In a forked child: timers were not inherited; forget them, the buffers and the handler. */
+static void reset_after_fork(void)
+{
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    memcpy(&g_timer_lock, &fresh, sizeof(fresh));
+    atomic_store(&g_enabled, 0);
+    delete_all_timers(0);
+    if (g_started) {
+        sigaction(g_signo, &g_old_action, NULL);
+    }
+    atomic_store(&g_in_handler, 0);
+    free_buffers();
+    clear_caches();
+    clear_roots();
+    reset_stats();
+    g_started = 0;
+    g_gen++;
+    g_pid = getpid();
+    tl_armed = 0;
+    tl_has_timer = 0;
+    tl_slot = -1;
+}
+
+static inline void check_fork(void)
+{
+    if (g_pid != 0 && getpid() != g_pid) {
+        reset_after_fork();
+    }
+}
+
+/* ---------------------------------------------------------------- Python API */
+
+static int period_from_hz(PyObject *hz_obj, int64_t *period)
+{
+    double hz = PyFloat_AsDouble(hz_obj);
+    if (hz == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!isfinite(hz) || hz <= 0.0 || hz > 100000.0) {
+        PyErr_Format(PyExc_ValueError, "hz must be in (0, 100000], got %R", hz_obj);
+        return -1;
+    }
+    *period = (int64_t)(1e9 / hz);
+    if (*period < 1) {
+        *period = 1;
+    }
+    return 0;
+}
+
+static void rearm_all(int64_t period)
+{
+    pthread_mutex_lock(&g_timer_lock);
+    for (int i = 0; i < TIMER_CAP; i++) {
+        if (g_timers[i].used) {
+            set_timer(g_timers[i].timer, period, period);
+        }
+    }
+    pthread_mutex_unlock(&g_timer_lock);
+}
+
+static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"hz", "capacity", NULL};
+    PyObject *hz_obj;
+    Py_ssize_t capacity = 4096;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|n:start", kwlist, &hz_obj, &capacity)) {
+        return NULL;
+    }
+    int64_t period;
+    if (period_from_hz(hz_obj, &period) < 0) {
+        return NULL;
+    }
+    if (capacity < 1 || (size_t)capacity > MAX_CAPACITY) {
+        PyErr_Format(PyExc_ValueError, "capacity must be in [1, %u], got %zd",
+                     MAX_CAPACITY, capacity);
+        return NULL;
+    }
+    check_fork();
+    atomic_store(&g_period_ns, period);
+    if (g_started) {
+        rearm_all(period);
+        Py_RETURN_NONE;
+    }
+    size_t cap = 2; /* the sequence-numbered ring needs two slots at least */
+    while (cap < (size_t)capacity) {
+        cap <<= 1;
+    }
+    struct sigaction cur;
+    if (sigaction(g_signo, NULL, &cur) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if ((cur.sa_flags & SA_SIGINFO) ? cur.sa_sigaction != on_signal
+                                    : (cur.sa_handler != SIG_DFL && cur.sa_handler != SIG_IGN)) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "signal %d (SIGRTMIN+3) already has a handler; the native sampler "
+                     "cannot use it",
+                     g_signo);
+        return NULL;
+    }
+    g_ring = calloc(cap, sizeof(slot_t));
+    g_funcs = calloc(FUNC_CAP, sizeof(func_t));
+    g_func_objs = PyMem_Calloc(FUNC_CAP, sizeof(PyObject *));
+    if (g_ring == NULL || g_funcs == NULL || g_func_objs == NULL) {
+        free_buffers();
+        clear_caches();
+        return PyErr_NoMemory();
+    }
+    for (size_t i = 0; i < cap; i++) {
+        atomic_store_explicit(&g_ring[i].seq, i, memory_order_relaxed);
+    }
+    g_mask = cap - 1;
+    atomic_store(&g_head, 0);
+    g_tail = 0;
+    reset_stats();
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_signal;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(g_signo, &sa, &g_old_action) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free_buffers();
+        clear_caches();
+        return NULL;
+    }
+    g_gen++;
+    g_pid = getpid();
+    g_started = 1;
+    atomic_store(&g_enabled, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_stop(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    if (!g_started) {
+        clear_roots();
+        Py_RETURN_NONE;
+    }
+    atomic_store(&g_enabled, 0);
+    delete_all_timers(1);
+    /* Setting SIG_IGN discards signals still pending on any thread; then restore. */
+    struct sigaction ign;
+    memset(&ign, 0, sizeof(ign));
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    sigaction(g_signo, &ign, NULL);
+    sigaction(g_signo, &g_old_action, NULL);
+    /* Wait for handlers already running on other threads before freeing their memory.
+     * The GIL stays held, so no thread can arm a new timer meanwhile; the handler itself
+     * never needs the GIL. */
+    struct timespec pause = {0, 100000};
+    nanosleep(&pause, NULL);
+    while (atomic_load(&g_in_handler) > 0) {
+        sched_yield();
+    }
+    free_buffers();
+    clear_caches();
+    clear_roots();
+    g_started = 0;
+    g_gen++;
+    tl_armed = 0;
+    tl_has_timer = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_frequency(PyObject *self, PyObject *hz_obj)
+{
+    int64_t period;
+    if (period_from_hz(hz_obj, &period) < 0) {
+        return NULL;
+    }
+    check_fork();
+    atomic_store(&g_period_ns, period);
+    if (g_started) {
+        rearm_all(period);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
+{
+    long long token = PyLong_AsLongLong(token_obj);
+    if (token == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    check_fork();
+    if (!g_started) {
+        PyErr_SetString(PyExc_RuntimeError, "the native CPU sampler is not started");
+        return NULL;
+    }
+    tl_token = token;
+    if (tl_slot >= 0 && tl_gen == g_gen) { /* already armed: only the token changes */
+        tl_armed = 1;
+        Py_RETURN_NONE;
+    }
+    clockid_t clk;
+    int err = pthread_getcpuclockid(pthread_self(), &clk);
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct sigevent sev;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = g_signo;
+    sev.sigev_notify_thread_id = my_tid();
+    timer_t timer;
+    if (timer_create(clk, &sev, &timer) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int slot = -1;
+    pthread_mutex_lock(&g_timer_lock);
+    for (int i = 0; i < TIMER_CAP; i++) {
+        if (!g_timers[i].used) {
+            g_timers[i].used = 1;
+            g_timers[i].tid = my_tid();
+            g_timers[i].timer = timer;
+            g_timers_active++;
+            slot = i;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&g_timer_lock);
+    if (slot < 0) {
+        timer_delete(timer);
+        PyErr_SetString(PyExc_RuntimeError, "too many threads armed at once");
+        return NULL;
+    }
+    tl_slot = slot;
+    tl_gen = g_gen;
+    tl_timer = timer;
+    tl_has_timer = 1;
+    pthread_setspecific(g_key, (void *)(intptr_t)(slot + 1));
+    int64_t period = atomic_load(&g_period_ns);
+    int64_t first;
+    if (tl_remaining_gen == g_gen && tl_remaining_ns > 0 && tl_remaining_ns <= period) {
+        first = tl_remaining_ns; /* the countdown left when the thread last disarmed */
+    }
+    else { /* a random phase, so scopes shorter than a period are sampled in proportion */
+        uint64_t x = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)my_tid() << 32);
+        x ^= x >> 33;
+        x *= 0xff51afd7ed558ccdULL;
+        x ^= x >> 33;
+        first = 1 + (int64_t)(x % (uint64_t)period);
+    }
+    tl_armed = 1;
+    if (set_timer(timer, first, period) != 0) {
+        tl_armed = 0;
+        tl_has_timer = 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        pthread_mutex_lock(&g_timer_lock);
+        timer_delete(timer);
+        g_timers[slot].used = 0;
+        g_timers_active--;
+        pthread_mutex_unlock(&g_timer_lock);
+        tl_slot = -1;
+        pthread_setspecific(g_key, NULL);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_disarm_thread(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    tl_armed = 0;
+    tl_has_timer = 0;
+    if (tl_slot < 0 || tl_gen != g_gen) {
+        tl_slot = -1;
+        Py_RETURN_NONE;
+    }
+    pthread_mutex_lock(&g_timer_lock);
+    tslot_t *t = &g_timers[tl_slot];
+    if (t->used && t->tid == my_tid()) {
+        struct itimerspec cur;
+        if (timer_gettime(t->timer, &cur) == 0) {
+            tl_remaining_ns = (int64_t)cur.it_value.tv_sec * 1000000000LL + cur.it_value.tv_nsec;
+            tl_remaining_gen = g_gen;
+        }
+        timer_delete(t->timer);
+        t->used = 0;
+        g_timers_active--;
+    }
+    pthread_mutex_unlock(&g_timer_lock);
+    tl_slot = -1;
+    pthread_setspecific(g_key, NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_add_root(PyObject *self, PyObject *args)
+{
+    PyObject *frame;
+    long long token;
+    if (!PyArg_ParseTuple(args, "OL:add_root", &frame, &token)) {
+        return NULL;
+    }
+    if (!PyFrame_Check(frame)) {
+        PyErr_Format(PyExc_TypeError, "add_root() needs a frame object, got %.100s",
+                     Py_TYPE(frame)->tp_name);
+        return NULL;
+    }
+    check_fork();
+    int free_i = -1;
+    int hwm = atomic_load(&g_roots_hwm);
+    for (int i = 0; i < hwm; i++) {
+        void *k = atomic_load(&g_roots[i].key);
+        if (k == (void *)frame) {
+            atomic_store(&g_roots[i].token, token);
+            Py_RETURN_NONE;
+        }
+        if (k == NULL && free_i < 0) {
+            free_i = i;
+        }
+    }
+    if (free_i < 0) {
+        if (hwm >= ROOT_CAP) {
+            PyErr_SetString(PyExc_RuntimeError, "too many async roots registered");
+            return NULL;
+        }
+        free_i = hwm;
+    }
+    Py_INCREF(frame);
+    g_roots[free_i].frame = frame;
+    atomic_store(&g_roots[free_i].token, token);
+    atomic_store(&g_roots[free_i].key, (void *)frame);
+    if (free_i >= hwm) {
+        atomic_store(&g_roots_hwm, free_i + 1);
+    }
+    g_n_roots++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_remove_root(PyObject *self, PyObject *frame)
+{
+    check_fork();
+    int hwm = atomic_load(&g_roots_hwm);
+    for (int i = 0; i < hwm; i++) {
+        if (atomic_load(&g_roots[i].key) == (void *)frame) {
+            atomic_store(&g_roots[i].key, NULL);
+            atomic_store(&g_roots[i].token, 0);
+            Py_CLEAR(g_roots[i].frame);
+            g_n_roots--;
+            while (hwm > 0 && atomic_load(&g_roots[hwm - 1].key) == NULL) {
+                hwm--;
+            }
+            atomic_store(&g_roots_hwm, hwm);
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *func_obj(uint32_t id)
+{
+    if (id == FUNC_NONE || id >= FUNC_CAP) {
+        static PyObject *unknown;
+        if (unknown == NULL) {
+            unknown = Py_BuildValue("(ssi)", "<unknown>", "<unknown>", 0);
+        }
+        return unknown;
+    }
+    PyObject *o = g_func_objs[id];
+    if (o != NULL) {
+        return o;
+    }
+    func_t *e = &g_funcs[id];
+    if (atomic_load_explicit(&e->state, memory_order_acquire) != 2) {
+        return func_obj(FUNC_NONE);
+    }
+    PyObject *name = PyUnicode_DecodeUTF8(e->name, e->name_len, "replace");
+    PyObject *file = PyUnicode_DecodeUTF8(e->file, e->file_len, "replace");
+    if (name != NULL) {
+        PyUnicode_InternInPlace(&name);
+    }
+    if (file != NULL) {
+        PyUnicode_InternInPlace(&file);
+    }
+    PyObject *first = PyLong_FromLong(e->first_line);
+    if (name == NULL || file == NULL || first == NULL) {
+        Py_XDECREF(name);
+        Py_XDECREF(file);
+        Py_XDECREF(first);
+        return NULL;
+    }
+    o = PyTuple_Pack(3, name, file, first);
+    Py_DECREF(name);
+    Py_DECREF(file);
+    Py_DECREF(first);
+    g_func_objs[id] = o;
+    return o;
+}
+
+static int fcache_grow(void)
+{
+    size_t ncap = g_fcache_cap ? g_fcache_cap * 2 : 1024;
+    fcache_t *n = PyMem_Calloc(ncap, sizeof(fcache_t));
+    if (n == NULL) {
+        return -1;
+    }
+    for (size_t i = 0; i < g_fcache_cap; i++) {
+        if (g_fcache[i].key) {
+            size_t j = (size_t)(g_fcache[i].key * 0x9E3779B97F4A7C15ULL >> 20) & (ncap - 1);
+            while (n[j].key) {
+                j = (j + 1) & (ncap - 1);
+            }
+            n[j] = g_fcache[i];
+        }
+    }
+    PyMem_Free(g_fcache);
+    g_fcache = n;
+    g_fcache_cap = ncap;
+    return 0;
+}
+
+/* A (name, filename, first_line, line) tuple; new reference. */
+static PyObject *frame_tuple(frame_ref_t fr)
+{
+    uint64_t key = (((uint64_t)fr.func << 32) | (uint32_t)fr.line) + 1;
+    int cacheable = fr.func != FUNC_NONE && key != 0;
+    if (cacheable && (g_fcache_len + 1) * 2 > g_fcache_cap && g_fcache_cap < FCACHE_MAX) {
+        if (fcache_grow() < 0) {
+            PyErr_Clear();
+            cacheable = 0;
+        }
+    }
+    size_t j = 0;
+    if (cacheable && g_fcache_cap) {
+        j = (size_t)(key * 0x9E3779B97F4A7C15ULL >> 20) & (g_fcache_cap - 1);
+        while (g_fcache[j].key) {
+            if (g_fcache[j].key == key) {
+                Py_INCREF(g_fcache[j].tuple);
+                return g_fcache[j].tuple;
+            }
+            j = (j + 1) & (g_fcache_cap - 1);
+        }
+    }
+    PyObject *fo = func_obj(fr.func);
+    if (fo == NULL) {
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(4);
+    if (t == NULL) {
+        return NULL;
+    }
+    for (int k = 0; k < 3; k++) {
+        PyObject *item = PyTuple_GET_ITEM(fo, k);
+        Py_INCREF(item);
+        PyTuple_SET_ITEM(t, k, item);
+    }
+    PyObject *line = PyLong_FromLong(fr.line);
+    if (line == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 3, line);
+    if (cacheable && g_fcache_cap && (g_fcache_len + 1) * 2 <= g_fcache_cap) {
+        g_fcache[j].key = key;
+        g_fcache[j].tuple = t;
+        Py_INCREF(t);
+        g_fcache_len++;
+    }
+    return t;
+}
+
+static PyObject *sample_tuple(const slot_t *s)
+{
+    PyObject *roots = PyTuple_New(s->n_roots);
+    PyObject *frames = PyTuple_New(s->depth);
+    if (roots == NULL || frames == NULL) {
+        goto error;
+    }
+    for (int i = 0; i < s->n_roots; i++) {
+        PyObject *r = PyLong_FromLongLong(s->roots[i]);
+        if (r == NULL) {
+            goto error;
+        }
+        PyTuple_SET_ITEM(roots, i, r);
+    }
+    for (int i = 0; i < s->depth; i++) {
+        PyObject *f = frame_tuple(s->frames[i]);
+        if (f == NULL) {
+            goto error;
+        }
+        PyTuple_SET_ITEM(frames, i, f);
+    }
+    PyObject *result = Py_BuildValue("(LNiLLN)", (long long)s->token, roots, (int)s->tid,
+                                     (long long)s->cpu_ns, (long long)s->ts_ns, frames);
+    return result;
+error:
+    Py_XDECREF(roots);
+    Py_XDECREF(frames);
+    return NULL;
+}
+
+static PyObject *py_drain(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    PyObject *out = PyList_New(0);
+    if (out == NULL || !g_started || g_ring == NULL) {
+        return out;
+    }
+    slot_t local;
+    for (;;) {
+        slot_t *s = &g_ring[g_tail & g_mask];
+        uint64_t seq = atomic_load_explicit(&s->seq, memory_order_acquire);
+        if (seq != g_tail + 1) {
+            break; /* empty, or a producer is still writing this slot */
+        }
+        memcpy(&local, s, offsetof(slot_t, frames));
+        memcpy(local.frames, s->frames, sizeof(frame_ref_t) * local.depth);
+        atomic_store_explicit(&s->seq, g_tail + g_mask + 1, memory_order_release);
+        g_tail++;
+        PyObject *t = sample_tuple(&local);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
+static PyObject *py_stats(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    pthread_mutex_lock(&g_timer_lock);
+    int active = g_timers_active;
+    pthread_mutex_unlock(&g_timer_lock);
+    return Py_BuildValue(
+        "{sKsKsisKsKsKsKsKsKsKsisisi}", "samples", (unsigned long long)atomic_load(&st_samples),
+        "dropped", (unsigned long long)atomic_load(&st_dropped), "timers_active", active,
+        "signals_received", (unsigned long long)atomic_load(&st_signals), "skipped_no_python",
+        (unsigned long long)atomic_load(&st_no_python), "skipped_no_thread_state",
+        (unsigned long long)atomic_load(&st_no_tstate), "skipped_not_armed",
+        (unsigned long long)atomic_load(&st_not_armed), "function_table_full",
+        (unsigned long long)atomic_load(&st_func_full), "truncated",
+        (unsigned long long)atomic_load(&st_truncated), "overruns",
+        (unsigned long long)atomic_load(&st_overruns), "roots", g_n_roots, "started",
+        g_started, "signal", g_signo);
+}
+
+static PyObject *py_active_timers(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    pthread_mutex_lock(&g_timer_lock);
+    int active = g_timers_active;
+    pthread_mutex_unlock(&g_timer_lock);
+    return PyLong_FromLong(active);
+}
+
+static PyObject *py_is_started(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    return PyBool_FromLong(g_started);
+}
+
+static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
+{
+    reset_after_fork();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"start", (PyCFunction)(void (*)(void))py_start, METH_VARARGS | METH_KEYWORDS,
+     "start(hz, capacity=4096)\n--\n\nInstall the signal handler and allocate the sample "
+     "ring (idempotent; when already started only the frequency changes)."},
+    {"stop", py_stop, METH_NOARGS,
+     "stop()\n--\n\nDelete every timer, restore the previous signal disposition, free the "
+     "buffers (undrained samples are discarded) and forget all roots."},
+    {"set_frequency", py_set_frequency, METH_O,
+     "set_frequency(hz)\n--\n\nChange the sampling frequency of every armed timer."},
+    {"arm_thread", py_arm_thread, METH_O,
+     "arm_thread(token)\n--\n\nSample the calling thread's CPU time; its samples carry "
+     "token. Called again, only the token changes."},
+    {"disarm_thread", py_disarm_thread, METH_NOARGS,
+     "disarm_thread()\n--\n\nStop sampling the calling thread and delete its timer."},
+    {"add_root", py_add_root, METH_VARARGS,
+     "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
+     "root_tokens."},
+    {"remove_root", py_remove_root, METH_O,
+     "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
+    {"drain", py_drain, METH_NOARGS,
+     "drain()\n--\n\nTake the samples recorded so far: a list of (thread_token, "
+     "root_tokens, native_thread_id, cpu_ns, timestamp_ns, frames), frames leaf first as "
+     "(name, filename, first_line, line)."},
+    {"stats", py_stats, METH_NOARGS, "stats()\n--\n\nCounters of the sampler."},
+    {"active_timers", py_active_timers, METH_NOARGS,
+     "active_timers()\n--\n\nThe number of timers currently created."},
+    {"is_started", py_is_started, METH_NOARGS, "is_started()\n--\n\nWhether start() ran."},
+    {"_after_fork_child", py_after_fork_child, METH_NOARGS,
+     "_after_fork_child()\n--\n\nReset all state in a forked child (timers are not "
+     "inherited)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "_cpu_native",
+    "Native CPU sampler: per-thread CPU-time timers and an async-signal-safe stack copier.",
+    -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__cpu_native(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    g_signo = SIGRTMIN + 3;
+    g_pid = getpid();
+    int err = pthread_key_create(&g_key, on_thread_exit);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "SIGNAL", g_signo) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_ROOTS", MAX_ROOTS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,542 @@
+"""The native CPU sampler (``otlp_middleware.profiling._cpu_native``), against real threads.
+
+Each test drives real CPU-time timers and real signals; what it checks is where the samples
+land (which function, which token) and that nothing leaks (timers, handler, roots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterator
+from types import CoroutineType, FrameType, ModuleType
+from typing import Any
+
+import pytest
+
+try:
+    from otlp_middleware.profiling import _cpu_native
+except ImportError:  # not built: no compiler, not Linux, unsupported Python
+    pytest.skip(
+        "otlp_middleware.profiling._cpu_native is not built "
+        "(run `python setup.py build_ext --inplace` on Linux)",
+        allow_module_level=True,
+    )
+
+Sample = tuple[int, tuple[int, ...], int, int, int, tuple[tuple[str, str, int, int], ...]]
+
+
+def _our_proc_timers() -> int:
+    """POSIX timers of this process that deliver the sampler's signal."""
+    with open("/proc/self/timers") as f:
+        text = f.read()
+    return sum(
+        1
+        for line in text.splitlines()
+        if line.startswith("signal:") and line.split()[1].split("/")[0] == str(_cpu_native.SIGNAL)
+    )
+
+
+@pytest.fixture
+def native() -> Iterator[ModuleType]:
+    """The module, guaranteed stopped and without timers afterwards."""
+    _cpu_native.stop()
+    yield _cpu_native
+    _cpu_native.stop()
+    assert _cpu_native.active_timers() == 0
+    assert _our_proc_timers() == 0
+
+
+def burst(seconds: float) -> int:
+    """Burn ``seconds`` of this thread's CPU in pure Python."""
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+
+def run_in_thread(target: Callable[[], Any]) -> None:
+    errors: list[BaseException] = []
+
+    def wrapper() -> None:
+        try:
+            target()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    t = threading.Thread(target=wrapper)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def leaf_names(samples: list[Sample]) -> Counter[str]:
+    return Counter(s[5][0][0] for s in samples)
+
+
+# --------------------------------------------------------------------------- API contract
+
+
+def test_arm_before_start_is_an_error(native: ModuleType) -> None:
+    with pytest.raises(RuntimeError, match="not started"):
+        native.arm_thread(1)
+
+
+@pytest.mark.parametrize("hz", [0, -5.0, float("nan"), float("inf")])
+def test_invalid_frequency(native: ModuleType, hz: float) -> None:
+    with pytest.raises(ValueError, match="hz"):
+        native.start(hz)
+    native.start(99)
+    with pytest.raises(ValueError, match="hz"):
+        native.set_frequency(hz)
+
+
+def test_add_root_needs_a_frame(native: ModuleType) -> None:
+    with pytest.raises(TypeError, match="frame"):
+        native.add_root(object(), 1)
+    assert native.remove_root(object()) is False
+
+
+def test_start_is_idempotent_and_stop_restores_disposition(native: ModuleType) -> None:
+    import signal
+
+    before = signal.getsignal(native.SIGNAL)
+    native.start(99)
+    native.start(199)
+    assert native.is_started()
+    assert native.drain() == []
+    native.stop()
+    native.stop()
+    assert not native.is_started()
+    assert signal.getsignal(native.SIGNAL) == before
+    assert native.drain() == []
+
+
+def test_samples_carry_the_stack_line_and_period(native: ModuleType) -> None:
+    native.start(199)
+
+    def work() -> None:
+        native.arm_thread(42)
+        burst(0.2)
+        native.disarm_thread()
+
+    run_in_thread(work)
+    samples = native.drain()
+    assert samples, native.stats()
+    code = burst.__code__
+    last_line = max(line for _, _, line in code.co_lines() if line is not None)
+    for token, roots, tid, cpu_ns, ts_ns, frames in samples:
+        assert token == 42
+        assert roots == ()
+        assert tid > 0
+        assert cpu_ns >= 1_000_000_000 // 199 - 1
+        assert abs(ts_ns - time.time_ns()) < 60 * 10**9
+        name, filename, first_line, line = frames[0]
+        assert name == "burst"
+        assert filename == __file__
+        assert first_line == code.co_firstlineno
+        assert first_line < line <= last_line
+        assert frames[1][0].endswith("work")
+    # the weights add up to the CPU time, even when the kernel coalesces expirations
+    assert native.stats()["samples"] == len(samples)
+    assert native.active_timers() == 0
+
+
+def test_full_ring_drops_and_counts(native: ModuleType) -> None:
+    native.start(999, capacity=2)
+    native.arm_thread(1)
+    burst(0.1)
+    native.disarm_thread()
+    stats = native.stats()
+    assert stats["samples"] == 2
+    assert stats["dropped"] > 0
+    assert len(native.drain()) == 2
+
+
+def _recurse(n: int) -> int:
+    if n == 0:
+        return burst(0.1)
+    return _recurse(n - 1)
+
+
+def test_deep_stack_is_truncated(native: ModuleType) -> None:
+    native.start(499)
+    native.arm_thread(1)
+    _recurse(native.MAX_DEPTH + 20)
+    native.disarm_thread()
+    samples = native.drain()
+    assert samples
+    assert all(len(s[5]) == native.MAX_DEPTH for s in samples)
+    assert samples[0][5][0][0] == "burst"
+    assert native.stats()["truncated"] == len(samples)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def test_worker_thread_accuracy(native: ModuleType) -> None:
+    """~1 ms CPU bursts between GIL-releasing socket writes, on a worker thread, 99 Hz."""
+    hz = 99.0
+    native.start(hz)
+    a, b = socket.socketpair()
+    result: dict[str, float] = {}
+
+    def reader() -> None:
+        while b.recv(1 << 16):
+            pass
+
+    def worker() -> None:
+        payload = b"x" * 4096
+        native.arm_thread(1)
+        cpu0 = time.thread_time()
+        wall0 = time.monotonic()
+        while time.thread_time() - cpu0 < 1.5 and time.monotonic() - wall0 < 4.0:
+            burst(0.001)
+            a.sendall(payload)
+        result["cpu"] = time.thread_time() - cpu0
+        native.disarm_thread()
+
+    r = threading.Thread(target=reader)
+    r.start()
+    try:
+        run_in_thread(worker)
+    finally:
+        a.close()
+        r.join()
+        b.close()
+    samples = native.drain()
+    expected = hz * result["cpu"]
+    in_burst = leaf_names(samples)["burst"] / len(samples)
+    cpu_weight = sum(s[3] for s in samples) / 1e9
+    print(
+        f"python {sys.version_info[:2]}: {len(samples)} samples, expected {expected:.0f}, "
+        f"{in_burst:.1%} in burst, weight {cpu_weight:.3f}s of {result['cpu']:.3f}s CPU"
+    )
+    assert in_burst >= 0.80
+    assert abs(len(samples) - expected) <= 0.30 * expected
+    assert abs(cpu_weight - result["cpu"]) <= 0.30 * result["cpu"]
+
+
+_SPINNERS: dict[int, Callable[[float], int]] = {}
+for _i in range(8):
+    _ns: dict[str, Any] = {"time": time}
+    exec(
+        f"def spin_{_i}(seconds):\n"
+        "    end = time.thread_time() + seconds\n"
+        "    n = 0\n"
+        "    while time.thread_time() < end:\n"
+        "        n += 1\n"
+        "    return n\n",
+        _ns,
+    )
+    _SPINNERS[_i] = _ns[f"spin_{_i}"]
+
+
+def test_eight_threads_keep_their_own_tokens(native: ModuleType) -> None:
+    native.start(999)
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            native.arm_thread(100 + i)
+            _SPINNERS[i](0.15)
+            native.disarm_thread()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    samples = native.drain()
+    by_token: dict[int, Counter[str]] = {}
+    for token, _roots, _tid, _cpu, _ts, frames in samples:
+        names = {f[0] for f in frames}
+        spinners = {n for n in names if n.startswith("spin_")}
+        if spinners:
+            assert spinners == {f"spin_{token - 100}"}, (token, spinners)
+        by_token.setdefault(token, Counter()).update(spinners)
+    assert sorted(by_token) == [100 + i for i in range(8)]
+    for token, counts in by_token.items():
+        assert counts[f"spin_{token - 100}"] > 0
+    assert native.stats()["dropped"] == 0
+
+
+# --------------------------------------------------------------------------- syscalls
+
+
+def test_blocking_io_is_not_disturbed(native: ModuleType, tmp_path: Any) -> None:
+    """Socket and file I/O under a 999 Hz timer: complete, intact, no EINTR surfacing."""
+    native.start(999)
+    size = 16 << 20
+    data = os.urandom(1 << 20) * 16
+    a, b = socket.socketpair()
+    received: list[int] = []
+
+    def reader() -> None:
+        crc, n = 0, 0
+        while True:
+            chunk = b.recv(1 << 16)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            n += len(chunk)
+        received.extend([crc, n])
+
+    def io_worker() -> None:
+        native.arm_thread(3)
+        try:
+            a.sendall(data)
+            a.shutdown(socket.SHUT_WR)
+            path = tmp_path / "blob"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            try:
+                for _ in range(4):
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    assert os.write(fd, data) == size
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    got = bytearray()
+                    while len(got) < size:
+                        chunk = os.read(fd, size - len(got))
+                        assert chunk
+                        got += chunk
+                    assert got == data
+                    burst(0.02)
+            finally:
+                os.close(fd)
+        finally:
+            native.disarm_thread()
+
+    r = threading.Thread(target=reader)
+    r.start()
+    try:
+        run_in_thread(io_worker)
+    finally:
+        a.close()
+        r.join()
+        b.close()
+    assert received == [zlib.crc32(data), size]
+    assert native.stats()["signals_received"] > 0
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_threads_that_die_armed_do_not_leak_timers(native: ModuleType) -> None:
+    native.start(999)
+
+    def armed_and_gone() -> None:
+        native.arm_thread(9)
+        burst(0.005)
+
+    threads = [threading.Thread(target=armed_and_gone) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # join() returns when the Python thread is done; the OS thread runs its key destructors
+    # (which delete its timer) just after, so wait for that to happen.
+    deadline = time.monotonic() + 5.0
+    while native.active_timers() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert native.active_timers() == 0
+    assert _our_proc_timers() == 0
+
+
+def test_arm_twice_only_changes_the_token(native: ModuleType) -> None:
+    native.start(499)
+    native.arm_thread(1)
+    native.arm_thread(2)
+    assert native.active_timers() == 1
+    burst(0.1)
+    native.disarm_thread()
+    native.disarm_thread()
+    assert native.active_timers() == 0
+    assert {s[0] for s in native.drain()} == {2}
+
+
+@pytest.mark.slow
+def test_start_stop_arm_disarm_cycling(native: ModuleType) -> None:
+    """Many threads arming, disarming and dying armed while the sampler starts and stops."""
+    stop_at = time.monotonic() + 10.0
+    errors: list[BaseException] = []
+    cycles = Counter[str]()
+
+    def worker(i: int) -> None:
+        try:
+            while time.monotonic() < stop_at:
+                try:
+                    native.arm_thread(i)
+                except RuntimeError:  # stopped right now
+                    cycles["refused"] += 1
+                    time.sleep(0.001)
+                    continue
+                burst(0.002)
+                native.disarm_thread()
+                cycles["armed"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def short_lived() -> None:
+        try:
+            native.arm_thread(-1)
+        except RuntimeError:
+            return
+        burst(0.001)  # and exits armed
+
+    native.start(999, capacity=256)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    while time.monotonic() < stop_at:
+        native.drain()
+        spawned = [threading.Thread(target=short_lived) for _ in range(4)]
+        for t in spawned:
+            t.start()
+        for t in spawned:
+            t.join()
+        native.set_frequency(499 if cycles["armed"] % 2 else 999)
+        native.stop()
+        native.start(999, capacity=256)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert cycles["armed"] > 100
+    native.stop()
+    assert native.active_timers() == 0
+    assert _our_proc_timers() == 0
+
+
+# --------------------------------------------------------------------------- asyncio roots
+
+
+def root_frame(coro: Coroutine[Any, Any, Any]) -> FrameType:
+    """The frame an async scope registers as its root: the coroutine's own frame."""
+    assert isinstance(coro, CoroutineType)
+    frame = coro.cr_frame
+    assert frame is not None
+    return frame
+
+
+async def _inner_burn() -> None:
+    burst(0.002)
+
+
+def burn_a() -> None:
+    burst(0.002)
+
+
+def burn_b() -> None:
+    burst(0.002)
+
+
+def test_async_roots_on_a_loop_thread(native: ModuleType) -> None:
+    native.start(499)
+
+    async def handler_a() -> None:
+        inner = _inner_burn()
+        inner_frame = root_frame(inner)
+        native.add_root(inner_frame, 13)  # nested root: both tokens, leaf first
+        for _ in range(60):
+            burn_a()
+            await asyncio.sleep(0)
+        native.remove_root(inner_frame)
+        await inner
+        for _ in range(60):
+            await _inner_burn()
+
+    async def handler_b() -> None:
+        for _ in range(60):
+            burn_b()
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        coro_a, coro_b = handler_a(), handler_b()
+        frame_a, frame_b = root_frame(coro_a), root_frame(coro_b)
+        native.add_root(frame_a, 11)
+        native.add_root(frame_b, 12)
+        try:
+            await asyncio.gather(coro_a, coro_b)
+        finally:
+            assert native.remove_root(frame_a)
+            assert native.remove_root(frame_b)
+
+    def loop_thread() -> None:
+        native.arm_thread(0)
+        try:
+            asyncio.run(main())
+        finally:
+            native.disarm_thread()
+
+    run_in_thread(loop_thread)
+    samples = native.drain()
+    seen: Counter[str] = Counter()
+    for token, roots, _tid, _cpu, _ts, frames in samples:
+        assert token == 0
+        names = {f[0] for f in frames}
+        if "burn_a" in names:
+            assert roots == (11,)
+            seen["a"] += 1
+        elif "burn_b" in names:
+            assert roots == (12,)
+            seen["b"] += 1
+        elif "_inner_burn" in names:
+            assert roots in ((11,), (13, 11)), roots
+            seen["inner"] += 1
+        else:
+            assert 11 not in roots and 12 not in roots
+    assert seen["a"] > 0 and seen["b"] > 0 and seen["inner"] > 0, (seen, len(samples))
+
+
+# --------------------------------------------------------------------------- fork
+
+
+def _fork() -> int:
+    with warnings.catch_warnings():
+        # 3.12+ warns about fork() in a multi-threaded process; this test's threads are gone
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        return os.fork()
+
+
+@pytest.mark.parametrize("explicit_reset", [True, False])
+def test_fork_child_can_start_and_stop(native: ModuleType, explicit_reset: bool) -> None:
+    native.start(499)
+    native.arm_thread(1)
+    pid = _fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            if explicit_reset:
+                native._after_fork_child()
+                assert not native.is_started()
+            assert native.active_timers() == 0
+            native.start(499)
+            native.arm_thread(5)
+            burst(0.1)
+            native.disarm_thread()
+            samples = native.drain()
+            assert samples and {s[0] for s in samples} == {5}
+            native.stop()
+            assert native.active_timers() == 0
+            assert _our_proc_timers() == 0
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert native.active_timers() == 1
+    native.disarm_thread()
+    native.stop()
