@@ -1192,5 +1192,18 @@ PyMODINIT_FUNC PyInit__cpu_native(void)
         Py_DECREF(m);
         return NULL;
     }
+    /* Tear down at interpreter exit, before thread states of daemon threads are freed: a
+     * timer still armed on such a thread would otherwise make the handler read a dead
+     * thread state. */
+    PyObject *atexit = PyImport_ImportModule("atexit");
+    PyObject *stop = atexit != NULL ? PyObject_GetAttrString(m, "stop") : NULL;
+    PyObject *res = stop != NULL ? PyObject_CallMethod(atexit, "register", "O", stop) : NULL;
+    Py_XDECREF(atexit);
+    Py_XDECREF(stop);
+    if (res == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(res);
     return m;
 }
