@@ -148,15 +148,18 @@ static int g_timers_active;
 static pthread_mutex_t g_timer_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t g_key;
 
-/* per thread; touched by arm_thread first so that the handler never allocates TLS */
-static __thread volatile int tl_armed;
-static __thread volatile int64_t tl_token;
-static __thread int tl_slot = -1;
-static __thread volatile int tl_has_timer;
-static __thread timer_t tl_timer;
-static __thread unsigned tl_gen;
-static __thread int64_t tl_remaining_ns;
-static __thread unsigned tl_remaining_gen;
+/* Per thread. initial-exec: the variables live in the static TLS block every thread already
+ * has, so the handler's first access on any thread is a plain load - the default model for a
+ * dlopen()ed module may call __tls_get_addr, which can allocate (not async-signal-safe). */
+#define TLS __thread __attribute__((tls_model("initial-exec")))
+static TLS volatile int tl_armed;
+static TLS volatile int64_t tl_token;
+static TLS int tl_slot = -1;
+static TLS volatile int tl_has_timer;
+static TLS timer_t tl_timer;
+static TLS unsigned tl_gen;
+static TLS int64_t tl_remaining_ns;
+static TLS unsigned tl_remaining_gen;
 
 /* drain-side caches (GIL) */
 static PyObject **g_func_objs; /* FUNC_CAP entries: (name, filename, first_line) */
