@@ -512,36 +512,50 @@ def add_receive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--discard", action="store_true", help="write no file (count and log only)")
 
 
-def run_receive(args: argparse.Namespace) -> int:
-    """Run the receiver until interrupted (Ctrl-C or SIGTERM); return the exit code."""
+def run_receive(
+    args: argparse.Namespace,
+    *,
+    stop: threading.Event | None = None,
+    on_ready: Callable[[Receiver], None] | None = None,
+) -> int:
+    """Run the receiver until Ctrl-C, SIGTERM or ``stop`` is set; return the exit code.
+
+    ``on_ready`` is called with the running receiver (its ``url`` is known even for port 0).
+    """
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(message)s")
-    elif root.level > logging.INFO:
+    if not logger.isEnabledFor(logging.INFO):
         logger.setLevel(logging.INFO)
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
     receiver = Receiver(args.host, args.port, output_dir=None if args.discard else args.output_dir)
-    try:
-        receiver.start()
-    except OSError as exc:
-        logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        return 1
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Install the handler before listening, so a SIGTERM can never hit the default action.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_signal) if in_main else None
     try:
-        stop.wait()
+        try:
+            receiver.start()
+        except OSError as exc:
+            logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+            return 1
+        if on_ready is not None:
+            on_ready(receiver)
+        while not stop.wait(0.5):  # a timed wait lets Ctrl-C through on every platform
+            pass
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         receiver.stop()
-        logger.info(
-            "received %d batches, %d profiles (%d rejected)",
-            receiver.batches_received,
-            receiver.profiles_received,
-            receiver.profiles_rejected,
-        )
+    logger.info(
+        "received %d batches, %d profiles (%d rejected)",
+        receiver.batches_received,
+        receiver.profiles_received,
+        receiver.profiles_rejected,
+    )
     return 0

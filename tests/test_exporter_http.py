@@ -515,6 +515,28 @@ def test_invalid_explicit_settings_raise(field: str, value: object) -> None:
     assert info.value.field == field
 
 
+def test_exporter_from_settings(serve, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from otlp_middleware.config import Settings
+    from otlp_middleware.export._otlp_http import exporter_from_settings
+
+    server = serve()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", server.base_url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1500")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "env-name")
+    settings = Settings.load(api_key="k", service_name="explicit", profile_per_request=True)
+    with exporter_from_settings(settings) as exporter:
+        assert exporter.endpoint == server.url and exporter.timeout_secs == 1.5
+        a, b = make_record(), make_record()
+        assert exporter.export([a, b]).exported == 6
+    (request,) = server.requests
+    assert request.headers["authorization"] == "Bearer k"
+    decoded = request.decoded()
+    resource = decoded.resource_profiles[0].resource
+    assert {x.key: x.value.string_value for x in resource.attributes}["service.name"] == "explicit"
+    ids = {p.profile_id for p in decoded.resource_profiles[0].scope_profiles[0].profiles}
+    assert ids == {a.profile_id, b.profile_id}  # one Profile per request
+
+
 def test_api_key_does_not_override_an_explicit_authorization(serve, exporter_for) -> None:  # type: ignore[no-untyped-def]
     server = serve()
     exporter = exporter_for(server.url, api_key="key", headers={"Authorization": "Basic abc"})

@@ -40,6 +40,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
+from typing import TYPE_CHECKING
 
 import httpx
 from google.protobuf.message import DecodeError
@@ -59,6 +60,9 @@ from ..otlp._encode import (
 from ..otlp._resource import ResourceConfig, library_version
 from ..types import ProfileRecord
 from ._base import ExportResult
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -669,3 +673,24 @@ def _call_if_alive(ref: weakref.WeakMethod[Callable[[], None]]) -> None:
     method = ref()
     if method is not None:
         method()
+
+
+def exporter_from_settings(settings: Settings) -> ProfileExporter:
+    """The exporter the middleware uses when ``settings.endpoint`` is set.
+
+    ``Settings`` has already merged explicit options, framework settings and the OTEL_*
+    environment, so the exporter reads no environment of its own (``environ={}``).
+    ``settings.timeout`` bounds one attempt; ``settings.export_timeout`` the whole export.
+    """
+    config = ProfileExporterConfig(
+        endpoint=settings.endpoint,
+        api_key=settings.api_key,
+        headers=dict(settings.headers),
+        timeout_secs=settings.timeout,
+        compression=settings.compression,
+        max_elapsed_secs=settings.export_timeout,
+        merge=not settings.profile_per_request,
+        service_name=settings.service_name,
+        resource_attributes=dict(settings.resource_attributes),
+    )
+    return ProfileExporter(config, environ={})
