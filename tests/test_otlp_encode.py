@@ -26,6 +26,7 @@ from otlp_middleware.otlp import (
     encode_profiles,
     generate_profile_id,
 )
+from otlp_middleware.pprof import Profile as PprofProfile
 from otlp_middleware.pprof import cpu_profile
 from otlp_middleware.profiling._frames import FRAMES
 from otlp_middleware.types import CpuSample, HeapSample, ProfileRecord, SpanLink
@@ -449,3 +450,62 @@ def test_resource_carries_process_and_runtime_attributes() -> None:
 def test_encoding_an_unknown_type_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="ProfileRecord or BuiltProfile"):
         encode_profiles(["not a profile"])  # type: ignore[list-item]
+
+
+def test_heap_samples_with_nothing_to_report_send_nothing() -> None:
+    rec = make_record(cpu=[], heap=1)
+    rec.heap_samples = [
+        rec.heap_samples[0]._replace(alloc_objects=0, alloc_bytes=0, inuse_bytes=0, inuse_objects=0)
+    ]
+    request = encode_profiles([rec, make_record()])
+    check_request(round_trip(request))
+    assert count_profiles(request) == 3
+    assert "alloc" not in request.dictionary.string_table
+
+
+def test_native_frames_mappings_inline_lines_and_units_survive() -> None:
+    st = ["", "alloc", "bytes", "memcpy", "printf", "libc.so.6", "size", "kilobytes"]
+    p = PprofProfile(string_table=st)  # a hand-made, Go-style pprof without period_type
+    p.sample_type.add(type=1, unit=2)
+    p.mapping.add(id=1, memory_start=0x1000, memory_limit=0x9000, filename=5)
+    p.function.add(id=1, name=3, system_name=3)
+    p.function.add(id=2, name=4, system_name=4)
+    loc = p.location.add(id=1, mapping_id=1, address=0x1234)
+    loc.line.add(function_id=1, line=10)
+    loc.line.add(function_id=2, line=20)
+    sample = p.sample.add(location_id=[1], value=[4096])
+    sample.label.add(key=6, num=4, num_unit=7)
+    built = ProfileBuilder(generate_profile_id(), frame_type="native").build(p)
+    request = round_trip(encode_profiles([built]))
+    check_request(request, python_frames=False)
+    d = request.dictionary
+    (profile,) = profiles_of(request)
+    # No period_type in the pprof: the sample type stands in (Pyroscope needs one), period 1.
+    assert string(request, profile.period_type.type_strindex) == "alloc"
+    assert profile.period == 1
+    (s,) = profile.samples
+    (location_index,) = d.stack_table[s.stack_index].location_indices
+    location = d.location_table[location_index]
+    assert location.address == 0x1234
+    mapping = d.mapping_table[location.mapping_index]
+    assert (mapping.memory_start, mapping.memory_limit) == (0x1000, 0x9000)
+    assert string(request, mapping.filename_strindex) == "libc.so.6"
+    names = [
+        string(request, d.function_table[ln.function_index].name_strindex) for ln in location.lines
+    ]
+    assert names == ["memcpy", "printf"]
+    assert attrs(request, location.attribute_indices) == {"profile.frame.type": "native"}
+    (size,) = s.attribute_indices
+    assert string(request, d.attribute_table[size].unit_strindex) == "kilobytes"
+
+
+def test_a_pprof_without_sample_types_sends_nothing() -> None:
+    built = (
+        ProfileBuilder(generate_profile_id())
+        .attribute("k", "v")
+        .build(PprofProfile(string_table=[""]))
+    )
+    request = encode_profiles([built])
+    assert count_profiles(request) == 0
+    check_request(round_trip(request))
+    assert list(request.dictionary.string_table) == [""]

@@ -594,7 +594,9 @@ class ProfileExporter:
             retry_after: float | None = None
             try:
                 response = self._client.post(
-                    endpoint, content=body, timeout=min(self._settings.timeout_secs, remaining)
+                    endpoint,
+                    content=body,
+                    timeout=min(self._settings.timeout_secs, max(remaining, 0.001)),
                 )
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
