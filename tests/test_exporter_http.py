@@ -247,6 +247,18 @@ def test_nothing_is_sent_for_records_without_samples(serve, exporter_for) -> Non
     assert server.requests == []
 
 
+def test_an_unencodable_record_is_dropped_not_raised(serve, exporter_for, caplog) -> None:  # type: ignore[no-untyped-def]
+    server = serve()
+    broken = make_record()
+    broken.cpu_samples = [broken.cpu_samples[0]._replace(stack=(10**12,))]  # unknown frame id
+    exporter = exporter_for(server.url)
+    with caplog.at_level(logging.WARNING, logger="otlp_middleware"):
+        result = exporter.export([broken])
+    assert not result.success and "encoding failed" in result.error_message
+    assert exporter.stats() == ExporterStats(dropped=1)
+    assert server.requests == [] and "could not encode" in caplog.text
+
+
 def test_is_an_exporter_for_the_batch_processor(exporter_for) -> None:  # type: ignore[no-untyped-def]
     assert isinstance(exporter_for(None), Exporter)
 

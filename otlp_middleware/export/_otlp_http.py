@@ -479,11 +479,14 @@ class ProfileExporter:
                 self._counts["dropped"] += len(items)
                 return ExportResult(success=False, error_message="exporter is shut down")
             self._inflight += 1
+        results: list[ExportResult] = []
         try:
-            results = [
-                self._send(request) if request is not None else dropped
-                for request, dropped in self._requests(items)
-            ]
+            for request, dropped in self._requests(items):
+                results.append(self._send(request) if request is not None else dropped)
+        except Exception as exc:  # a bug while encoding must not kill the export thread
+            self._count(dropped=len(items))
+            logger.warning("could not encode %d profiles; dropped", len(items), exc_info=True)
+            results.append(ExportResult(False, error_message=f"encoding failed: {exc!r}"))
         finally:
             with self._lock:
                 self._inflight -= 1
