@@ -79,12 +79,6 @@ typedef struct {
     uint64_t serial;
 } slot_t;
 
-typedef struct {
-    PyMemAllocatorEx orig;
-    PyMemAllocatorEx hook;
-} domain_t;
-
-static domain_t g_mem, g_obj;
 static int g_installed = 0; /* our wrappers are in the allocator chain */
 static int g_active = 0;    /* the wrappers sample (else they only forward) */
 
@@ -92,7 +86,7 @@ static uint64_t g_rate = 524288;
 static size_t g_min_size = 0;
 static int g_max_depth = 64;
 static int g_track = 1;
-static int64_t g_countdown = 0;
+static int64_t g_countdown = INT64_MAX;
 static uint64_t g_rng = 0;
 static uint64_t g_serial = 0;
 static PyObject *g_var = NULL;
@@ -141,17 +135,6 @@ static int64_t draw_gap(void) {
     double gap = -log(u) * (double)g_rate;
     if (gap > 9.0e18) gap = 9.0e18;
     return (int64_t)gap;
-}
-
-/* Sampled iff the countdown runs out inside this allocation: P = 1 - exp(-size / rate). */
-static inline int should_sample(size_t size) {
-    if (size < g_min_size) return 0;
-    if ((int64_t)size <= g_countdown) {
-        g_countdown -= (int64_t)size;
-        return 0;
-    }
-    g_countdown = draw_gap();
-    return 1;
 }
 
 /* ---------------------------------------------------------------- pointer table */
@@ -346,53 +329,107 @@ static void on_sampled(void *ptr, size_t size) {
 
 /* ---------------------------------------------------------------- allocator wrappers */
 
-static void *hook_malloc(void *ctx, size_t size) {
-    domain_t *d = (domain_t *)ctx;
-    void *p = d->orig.malloc(d->orig.ctx, size);
-    if (p != NULL && g_active && should_sample(size)) on_sampled(p, size);
-    return p;
-}
+/* One set of wrappers per domain, each calling its saved original through a static pointer
+   with the caller's ctx unchanged (ours is the original's ctx), so the common case is two
+   compares, a subtraction and a tail call. Without deallocation tracking, free is not wrapped
+   at all. A sampled allocation goes through sampled(), out of line. */
 
-static void *hook_calloc(void *ctx, size_t nelem, size_t elsize) {
-    domain_t *d = (domain_t *)ctx;
-    void *p = d->orig.calloc(d->orig.ctx, nelem, elsize);
-    if (p != NULL && g_active) {
-        size_t size = nelem * elsize; /* no overflow: the allocation succeeded */
-        if (should_sample(size)) on_sampled(p, size);
+#define COUNTDOWN_OFF INT64_MAX /* inactive: the fast path never samples */
+
+static void sampled(void *ptr, size_t size) {
+    if (!g_active) {
+        g_countdown = COUNTDOWN_OFF;
+        return;
     }
-    return p;
+    g_countdown = draw_gap();
+    on_sampled(ptr, size);
 }
 
-static void *hook_realloc(void *ctx, void *ptr, size_t size) {
-    domain_t *d = (domain_t *)ctx;
-    void *p = d->orig.realloc(d->orig.ctx, ptr, size);
-    if (p != NULL) {
-        if (ptr != NULL && g_tcount) table_remove((uintptr_t)ptr);
-        if (g_active && should_sample(size)) on_sampled(p, size);
+/* Fast paths: no stack frame, a compare or two, then a tail call to the original. Everything
+   else (sampling, table removal) is out of line. */
+#define DEFINE_WRAPPERS(D)                                                                     \
+    static PyMemAllocatorEx D##_orig;                                                          \
+    static __attribute__((noinline)) void *D##_malloc_slow(void *ctx, size_t size) {           \
+        void *p = D##_orig.malloc(ctx, size);                                                  \
+        if (p != NULL) sampled(p, size);                                                       \
+        return p;                                                                              \
+    }                                                                                          \
+    static void *D##_malloc(void *ctx, size_t size) {                                          \
+        if (__builtin_expect((int64_t)size > g_countdown, 0) && size >= g_min_size)            \
+            return D##_malloc_slow(ctx, size);                                                 \
+        if (size >= g_min_size) g_countdown -= (int64_t)size;                                  \
+        return D##_orig.malloc(ctx, size);                                                     \
+    }                                                                                          \
+    static __attribute__((noinline)) void *D##_calloc_slow(void *ctx, size_t n, size_t e) {    \
+        void *p = D##_orig.calloc(ctx, n, e);                                                  \
+        if (p != NULL) sampled(p, n * e);                                                      \
+        return p;                                                                              \
+    }                                                                                          \
+    static void *D##_calloc(void *ctx, size_t nelem, size_t elsize) {                          \
+        size_t size;                                                                           \
+        if (!__builtin_mul_overflow(nelem, elsize, &size) && size >= g_min_size) {             \
+            if ((int64_t)size > g_countdown) return D##_calloc_slow(ctx, nelem, elsize);       \
+            g_countdown -= (int64_t)size;                                                      \
+        }                                                                                      \
+        return D##_orig.calloc(ctx, nelem, elsize);                                            \
+    }                                                                                          \
+    static __attribute__((noinline)) void *D##_realloc_slow(void *ctx, void *ptr, size_t size) { \
+        void *p = D##_orig.realloc(ctx, ptr, size);                                            \
+        if (p != NULL) {                                                                       \
+            if (ptr != NULL && g_tcount) table_remove((uintptr_t)ptr);                         \
+            if (size >= g_min_size) {                                                          \
+                if ((int64_t)size > g_countdown)                                               \
+                    sampled(p, size);                                                          \
+                else                                                                           \
+                    g_countdown -= (int64_t)size;                                              \
+            }                                                                                  \
+        }                                                                                      \
+        return p;                                                                              \
+    }                                                                                          \
+    static void *D##_realloc(void *ctx, void *ptr, size_t size) {                              \
+        if (__builtin_expect(g_tcount == 0 && (int64_t)size <= g_countdown, 1)) {              \
+            if (size >= g_min_size) g_countdown -= (int64_t)size;                              \
+            return D##_orig.realloc(ctx, ptr, size);                                           \
+        }                                                                                      \
+        return D##_realloc_slow(ctx, ptr, size);                                               \
+    }                                                                                          \
+    static __attribute__((noinline)) void D##_free_tracked(void *ctx, void *ptr) {             \
+        if (ptr != NULL) table_remove((uintptr_t)ptr);                                         \
+        D##_orig.free(ctx, ptr);                                                               \
+    }                                                                                          \
+    static void D##_free(void *ctx, void *ptr) {                                               \
+        if (g_tcount) return D##_free_tracked(ctx, ptr);                                       \
+        D##_orig.free(ctx, ptr);                                                               \
     }
-    return p;
-}
 
-static void hook_free(void *ctx, void *ptr) {
-    domain_t *d = (domain_t *)ctx;
-    if (ptr != NULL && g_tcount) table_remove((uintptr_t)ptr);
-    d->orig.free(d->orig.ctx, ptr);
-}
+DEFINE_WRAPPERS(mem)
+DEFINE_WRAPPERS(obj)
 
-static int on_top(PyMemAllocatorDomain domain, domain_t *d) {
+typedef struct {
+    PyMemAllocatorDomain domain;
+    PyMemAllocatorEx *orig;
+    void *(*malloc)(void *, size_t);
+    void *(*calloc)(void *, size_t, size_t);
+    void *(*realloc)(void *, void *, size_t);
+    void (*free)(void *, void *);
+} domain_t;
+
+static domain_t g_domains[2] = {
+    {PYMEM_DOMAIN_MEM, &mem_orig, mem_malloc, mem_calloc, mem_realloc, mem_free},
+    {PYMEM_DOMAIN_OBJ, &obj_orig, obj_malloc, obj_calloc, obj_realloc, obj_free},
+};
+static int g_free_hooked = 0; /* our free wrappers are installed (deallocation tracking) */
+
+static int on_top(const domain_t *d) {
     PyMemAllocatorEx cur;
-    PyMem_GetAllocator(domain, &cur);
-    return cur.malloc == hook_malloc && cur.ctx == (void *)d;
+    PyMem_GetAllocator(d->domain, &cur);
+    return cur.malloc == d->malloc;
 }
 
-static void hook_domain(PyMemAllocatorDomain domain, domain_t *d) {
-    PyMem_GetAllocator(domain, &d->orig);
-    d->hook.ctx = d;
-    d->hook.malloc = hook_malloc;
-    d->hook.calloc = hook_calloc;
-    d->hook.realloc = hook_realloc;
-    d->hook.free = hook_free;
-    PyMem_SetAllocator(domain, &d->hook);
+static void set_hook(const domain_t *d, int hook_free) {
+    PyMemAllocatorEx hook = {d->orig->ctx, d->malloc, d->calloc, d->realloc,
+                             hook_free ? d->free : d->orig->free};
+    PyMem_SetAllocator(d->domain, &hook);
 }
 
 /* Stop sampling and leave the allocator chain if we are on top of it. If another hook
@@ -400,14 +437,11 @@ static void hook_domain(PyMemAllocatorDomain domain, domain_t *d) {
    pure forwarder. The saved originals are kept forever, so late calls still work. */
 static void do_uninstall(void) {
     g_active = 0;
-    if (g_installed) {
-        int mem_top = on_top(PYMEM_DOMAIN_MEM, &g_mem);
-        int obj_top = on_top(PYMEM_DOMAIN_OBJ, &g_obj);
-        if (mem_top && obj_top) {
-            PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_mem.orig);
-            PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_obj.orig);
-            g_installed = 0;
-        }
+    g_countdown = COUNTDOWN_OFF;
+    if (g_installed && on_top(&g_domains[0]) && on_top(&g_domains[1])) {
+        for (int i = 0; i < 2; i++) PyMem_SetAllocator(g_domains[i].domain, g_domains[i].orig);
+        g_installed = 0;
+        g_free_hooked = 0;
     }
     table_clear();
     pending_clear();
@@ -439,16 +473,22 @@ static PyObject *py_install(PyObject *self, PyObject *args, PyObject *kwargs) {
     g_rate = (uint64_t)rate;
     g_min_size = (size_t)min_size;
     g_max_depth = max_depth;
-    if (track && !g_track) table_clear();
-    g_track = track;
-    if (!track) table_clear();
     if (rate_changed) g_countdown = draw_gap();
     g_interp = PyInterpreterState_Get();
     if (!g_installed) {
-        hook_domain(PYMEM_DOMAIN_MEM, &g_mem);
-        hook_domain(PYMEM_DOMAIN_OBJ, &g_obj);
+        for (int i = 0; i < 2; i++) {
+            PyMem_GetAllocator(g_domains[i].domain, g_domains[i].orig);
+            set_hook(&g_domains[i], track);
+        }
         g_installed = 1;
+        g_free_hooked = track;
+    } else if (track != g_free_hooked && on_top(&g_domains[0]) && on_top(&g_domains[1])) {
+        for (int i = 0; i < 2; i++) set_hook(&g_domains[i], track);
+        g_free_hooked = track;
     }
+    /* Wrapped by another hook since: frees can only be seen if our free wrapper is in. */
+    g_track = track && g_free_hooked;
+    if (!g_track) table_clear();
     g_active = 1;
     Py_RETURN_NONE;
 }
@@ -462,7 +502,7 @@ static PyObject *py_is_installed(PyObject *self, PyObject *unused) {
     /* A forwarder left in the chain (another hook wrapped ours, then unwrapped itself) is
        back on top: remove it now. */
     if (!g_active && g_installed) do_uninstall();
-    int hooked = g_active || on_top(PYMEM_DOMAIN_MEM, &g_mem) || on_top(PYMEM_DOMAIN_OBJ, &g_obj);
+    int hooked = g_active || on_top(&g_domains[0]) || on_top(&g_domains[1]);
     return PyBool_FromLong(hooked);
 }
 
@@ -534,7 +574,6 @@ static PyObject *py_reset_after_fork(PyObject *self, PyObject *unused) {
        different random stream than the parent's. */
     do_uninstall();
     seed_rng((uint64_t)getpid());
-    g_countdown = draw_gap();
     g_recorded = g_dropped = g_untracked = 0;
     Py_RETURN_NONE;
 }
@@ -544,7 +583,7 @@ static PyObject *py_seed(PyObject *self, PyObject *arg) {
     if (s == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     g_rng = splitmix64((uint64_t)s);
     if (g_rng == 0) g_rng = 1;
-    g_countdown = draw_gap();
+    if (g_active) g_countdown = draw_gap();
     Py_RETURN_NONE;
 }
 
