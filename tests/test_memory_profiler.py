@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 import os
 import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -73,10 +73,13 @@ def big_allocs(n: int) -> int:
 
 
 def bytes_in(samples: list[HeapSample], name: str, field: str = "alloc_bytes") -> int:
-    """Sum of ``field`` over samples whose stack holds function ``name``."""
-    return sum(
-        getattr(s, field) for s in samples if any(FRAMES.info(f).name == name for f in s.stack)
-    )
+    """Sum of ``field`` over samples holding function ``name`` (or ``f.<locals>.name``)."""
+
+    def matches(frame_id: int) -> bool:
+        qualname = FRAMES.info(frame_id).name
+        return qualname == name or qualname.endswith("." + name)
+
+    return sum(getattr(s, field) for s in samples if any(matches(f) for f in s.stack))
 
 
 def profile_value(profile: Profile, type_name: str, function: str) -> int:
@@ -314,13 +317,13 @@ def test_nested_scopes_both_see_the_allocation_at_their_own_rate() -> None:
     outer = open_memory_scope(MemoryProfilerConfig(sampling_rate=512 * 1024))
     try:
         with MemoryProfiler(MemoryProfilerConfig(sampling_rate=32 * 1024)) as inner:
-            alloc_in_a(1600)  # 100 MiB
+            alloc_in_a(3200)  # 200 MiB
         alloc_in_b(160)  # outer only
     finally:
         outer_samples, period = outer.close()
     assert period == 512 * 1024
     for samples in (inner.samples, outer_samples):
-        assert abs(bytes_in(samples, "alloc_in_a") - 100 * MIB) < 0.25 * 100 * MIB
+        assert abs(bytes_in(samples, "alloc_in_a") - 200 * MIB) < 0.25 * 200 * MIB
     assert bytes_in(inner.samples, "alloc_in_b") == 0
     assert bytes_in(outer_samples, "alloc_in_b") > 0
     assert not hook_installed()
@@ -426,17 +429,97 @@ def test_forked_child_starts_clean() -> None:
     assert bytes_in(samples, "alloc_in_a") > 0
 
 
+# ---------------------------------------------------------------- recording edge cases
+def recurse(depth: int) -> int:
+    if depth == 0:
+        return len(bytearray(BLOCK))
+    return recurse(depth - 1)
+
+
+def raise_and_catch(n: int) -> int:
+    caught = 0
+    for i in range(n):
+        try:
+            raise ValueError(f"boom {i}")  # allocates while the exception is being set
+        except ValueError as exc:
+            caught += len(str(exc)) > 0
+            assert sys.exc_info()[1] is exc
+    return caught
+
+
+def generator_allocs(n: int) -> int:
+    def gen() -> Iterator[bytearray]:
+        for _ in range(n):
+            yield bytearray(1024)
+
+    return sum(len(b) for b in gen())
+
+
+@needs_native
+def test_every_allocation_recorded_keeps_exceptions_and_truncates_deep_stacks() -> None:
+    config = MemoryProfilerConfig(sampling_rate=1, max_stack_depth=8)
+    with MemoryProfiler(config) as profiler:
+        assert raise_and_catch(200) == 200
+        assert generator_allocs(200) == 200 * 1024
+        assert recurse(50) == BLOCK
+    samples = profiler.samples
+    assert bytes_in(samples, "raise_and_catch") > 0
+    assert bytes_in(samples, "gen") >= 200 * 1024
+    deep = [s for s in samples if FRAMES.info(s.stack[0]).name == "recurse"]
+    assert deep and all(len(s.stack) == 9 for s in deep)
+    assert all(FRAMES.info(s.stack[-1]).name == "<truncated>" for s in deep)
+
+
 # ---------------------------------------------------------------- tracemalloc fallback
-def test_tracemalloc_fallback_same_output(caplog: pytest.LogCaptureFixture) -> None:
+FALLBACK_SCRIPT = """
+import logging, sys
+sys.modules["otlp_middleware.profiling._memalloc"] = None  # as if the build had failed
+logging.basicConfig(level=logging.WARNING)
+from otlp_middleware.profiling.memory import (
+    MemoryProfiler, MemoryProfilerConfig, native_available)
+assert not native_available()
+assert MemoryProfilerConfig().resolved_backend == "tracemalloc"
+try:
+    MemoryProfilerConfig(backend="native")
+except ValueError:
+    pass
+else:
+    raise SystemExit("backend='native' accepted without the extension")
+
+def alloc_here():
+    return [bytearray(65536) for _ in range(160)]
+
+for _ in range(2):
+    with MemoryProfiler() as profiler:
+        keep = alloc_here()
+stats = profiler.get_stats()
+print(stats.backend, stats.allocated_bytes)
+"""
+
+
+def test_fallback_used_when_extension_missing_and_warns_once() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    backend, allocated = proc.stdout.split()
+    assert backend == "tracemalloc"
+    assert abs(int(allocated) - 160 * BLOCK) < 0.25 * 160 * BLOCK
+    assert proc.stderr.count("tracemalloc fallback") == 1, proc.stderr
+
+
+def test_tracemalloc_fallback_same_output() -> None:
     config = MemoryProfilerConfig(backend="tracemalloc", sampling_rate=524_288)
     keep: list[bytearray] = []
-    with caplog.at_level(logging.WARNING, logger="otlp_middleware.profiling.memory"):
-        with MemoryProfiler(config) as profiler:
-            alloc_in_a(320, keep)  # 20 MiB kept alive
-        with MemoryProfiler(config):
-            pass
-    warnings = [r for r in caplog.records if "tracemalloc" in r.getMessage()]
-    assert len(warnings) <= 1  # logged once per process
+    with MemoryProfiler(config) as profiler:
+        alloc_in_a(320, keep)  # 20 MiB kept alive
     assert profiler.get_stats().backend == "tracemalloc"
     assert not tracemalloc.is_tracing()
     estimate = bytes_in(profiler.samples, "alloc_in_a")
