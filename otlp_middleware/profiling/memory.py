@@ -48,7 +48,6 @@ import random
 import threading
 import time
 import tracemalloc
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import CodeType, ModuleType, TracebackType
@@ -124,6 +123,8 @@ class MemoryProfilerConfig:
     max_stack_depth: int = 64
     backend: str = "auto"
     _max_duration_s: float = field(init=False, repr=False, compare=False)
+    # What the C hook needs, precomputed: scopes are opened on the request path.
+    _hook_key: tuple[int, int, int, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _int_field("sampling_rate", self.sampling_rate, 1, 1 << 40, " bytes")
@@ -140,6 +141,13 @@ class MemoryProfilerConfig:
             raise ConfigurationError(
                 "backend", self.backend, "the _memalloc extension is not built for this Python"
             )
+        key = (
+            self.sampling_rate,
+            self.min_allocation_size,
+            self.max_stack_depth,
+            self.track_deallocations,
+        )
+        object.__setattr__(self, "_hook_key", key)
 
     @property
     def max_duration_seconds(self) -> float:
@@ -194,7 +202,8 @@ class _NativeEngine:
         self._mod = mod
         self._lock = threading.RLock()
         self._scopes: dict[int, _ScopeState] = {}
-        self._configs: Counter[MemoryProfilerConfig] = Counter()
+        # open scopes per hook key (rate, min size, depth, track)
+        self._configs: dict[tuple[int, int, int, bool], int] = {}
         self._params: tuple[int, int, int, bool] | None = None
         self._ids = itertools.count(1)
         self._generation = 0
@@ -211,23 +220,25 @@ class _NativeEngine:
         with self._lock:
             state = _ScopeState(next(self._ids), config, self._generation)
             self._scopes[state.id] = state
-            self._configs[config] += 1
-            if self._configs[config] == 1:
+            key = config._hook_key
+            n = self._configs.get(key, 0)
+            self._configs[key] = n + 1
+            if n == 0:
                 self._reconfigure()
         return state
 
     def _reconfigure(self) -> None:
         # The hook serves every open scope: finest rate, smallest minimum, deepest stack.
-        cfgs = list(self._configs)
-        if not cfgs:
+        keys = list(self._configs)
+        if not keys:
             self._params = None
             self._mod.uninstall()
             return
         params = (
-            min(c.sampling_rate for c in cfgs),
-            min(c.min_allocation_size for c in cfgs),
-            max(c.max_stack_depth for c in cfgs),
-            any(c.track_deallocations for c in cfgs),
+            min(k[0] for k in keys),
+            min(k[1] for k in keys),
+            max(k[2] for k in keys),
+            any(k[3] for k in keys),
         )
         if params != self._params:
             self._params = params
@@ -260,9 +271,12 @@ class _NativeEngine:
             raw, state.raw = state.raw, []
             track = state.config.track_deallocations and self._params is not None
             alive = [track and self._mod.is_alive(r[1], r[0]) for r in raw]
-            self._configs[state.config] -= 1
-            if self._configs[state.config] == 0:
-                del self._configs[state.config]
+            key = state.config._hook_key
+            n = self._configs[key] - 1
+            if n:
+                self._configs[key] = n
+            else:
+                del self._configs[key]
                 self._reconfigure()
             rng_random = self._rng.random
         state.result = _aggregate(state.config, raw, alive, rng_random)
@@ -282,7 +296,7 @@ class _NativeEngine:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.RLock()
         self._scopes = {}
-        self._configs = Counter()
+        self._configs = {}
         self._params = None
         self._generation += 1
         self._rng = random.Random()
