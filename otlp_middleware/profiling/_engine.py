@@ -21,12 +21,13 @@ Samples are taken by one of three tiers, chosen per thread and reported per samp
     used where the other tiers cannot run (non-main threads without the extension, or when
     signals are unavailable or SIGPROF is taken by the application).
 
-CPU weight: each thread has a *scoped CPU clock* (its CPU clock, counted only while it is
-inside a scope); a sample is weighted by how far that clock advanced since the thread's
-previous sample, so the CPU totals telescope to the exact scoped CPU time, and a tick that
-arrives while the thread was idle (delta ~ 0) is dropped. Off-CPU (wall) samples, for scopes
-with ``include_system_calls``, are taken by the sampler thread: a blocked thread sits at its
-blocking call, which is exactly what ``sys._current_frames()`` shows.
+CPU weight: a SIGPROF sample stands for the main thread's CPU time since the previous tick
+(read from its CPU clock, capped at the period), so a tick that other threads earned while the
+main thread idled weighs ~0 and is dropped. Threads sampled by the sampler thread have a
+*scoped CPU clock* (their CPU clock counted only while inside a scope); each sample is weighted
+by how far it advanced, so CPU totals telescope to the exact scoped CPU time. Off-CPU (wall)
+samples, for scopes with ``include_system_calls``, are taken by the sampler thread: a blocked
+thread sits at its blocking call, which is exactly what ``sys._current_frames()`` shows.
 
 Nothing runs while no scope is open: no timer, no sampler thread. After ``fork()`` the child
 starts with a clean engine (``os.register_at_fork``).
@@ -87,6 +88,8 @@ class Scope:
     __slots__ = (
         "__weakref__",
         "closed_ns",
+        "signal_tier",
+        "swept",
         "deadline_ns",
         "include_system_calls",
         "max_depth",
@@ -120,6 +123,8 @@ class Scope:
         self.opened_mono_ns = time.monotonic_ns()
         self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
         self.closed_ns: int | None = None
+        self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
+        self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
 
     def record(self, sample: CpuSample, method: str) -> None:
         if self.closed_ns is not None:
@@ -141,7 +146,7 @@ class Scope:
 class _ThreadClock:
     """A thread's CPU clock counted only while the thread is inside a scope."""
 
-    __slots__ = ("acc", "clock", "last_mark", "open_since", "raw_wall_mark")
+    __slots__ = ("acc", "clock", "last_mark", "open_since", "raw_wall_mark", "tick_mark")
 
     def __init__(self, clock: int | None) -> None:
         self.clock = clock
@@ -149,6 +154,7 @@ class _ThreadClock:
         self.open_since: int | None = None
         self.last_mark = 0
         self.raw_wall_mark = 0  # raw CPU reading at the previous off-CPU check
+        self.tick_mark = 0  # raw CPU reading at the previous SIGPROF tick
 
     def raw(self) -> int:
         if self.clock is None:
@@ -234,6 +240,9 @@ class Engine:
         self._timer_period_ns = 0
         self._timer_remaining = 0.0
         self._handler_installed = False
+        self._handler_checked = 0.0
+        self._signal_periods: dict[int, int] = {}
+        self._sweep_periods: dict[int, int] = {}
         self._signal_refused: str | None = None
         self._in_handler = False
         self._sweeper: _Sweeper | None = None
@@ -323,27 +332,26 @@ class Engine:
     def _add(self, scope: Scope) -> None:
         tid = scope.thread_id
         with self._lock:
-            old = self._entries.get(tid)
+            entries = self._entries
+            old = entries.get(tid)
             if old is None:
-                name = threading.current_thread().name
-                entry = _ThreadEntry(tid, name, (), {})
+                entry = _ThreadEntry(tid, threading.current_thread().name, (), {})
+                if tid not in self._clocks:
+                    self._clocks[tid] = _ThreadClock(_thread_cpu_clock())
             else:
-                entry = _ThreadEntry(tid, old.name, old.thread_scopes, dict(old.roots))
+                entry = _ThreadEntry(tid, old.name, old.thread_scopes, old.roots)
             if scope.root_frame is None:
                 entry.thread_scopes = (*entry.thread_scopes, scope)
             else:
                 key = id(scope.root_frame)
-                entry.roots[key] = (*entry.roots.get(key, ()), scope)
-            clock = self._clocks.get(tid)
-            if clock is None:
-                clock = self._clocks[tid] = _ThreadClock(_thread_cpu_clock())
-            if old is None:
-                clock.start()
-            entries = dict(self._entries)
+                roots = dict(entry.roots)
+                roots[key] = (*roots.get(key, ()), scope)
+                entry.roots = roots
+            entries = entries.copy()
             entries[tid] = entry
             self._entries = entries
             self._open += 1
-            self._reconfigure()
+            self._assign_tier(scope)
 
     def close(self, scope: Scope) -> None:
         """Stop collecting for ``scope``. Idempotent; safe after fork (a no-op there)."""
@@ -375,7 +383,7 @@ class Engine:
                 del roots[key]
             thread_scopes = old.thread_scopes
         scope.root_frame = None  # do not keep the coroutine's frame alive
-        entries = dict(self._entries)
+        entries = self._entries.copy()
         if thread_scopes or roots:
             entries[tid] = _ThreadEntry(tid, old.name, thread_scopes, roots)
         else:
@@ -384,13 +392,13 @@ class Engine:
             if clock is not None:
                 clock.stop()
                 if tid != self._main_tid:
-                    # keep at most one clock per live thread; dead threads' go
                     self._prune_clocks()
         self._entries = entries
         self._open -= 1
-        self._reconfigure()
+        self._release_tier(scope)
 
     def _prune_clocks(self) -> None:
+        # Keep at most one clock per live thread: dead threads' clocks go.
         if len(self._clocks) > 64:
             alive = {t.ident for t in threading.enumerate()}
             for tid in list(self._clocks):
@@ -401,43 +409,68 @@ class Engine:
     def _signal_usable(self) -> bool:
         return self._handler_installed and self._signal_refused is None
 
-    def _reconfigure(self) -> None:
-        """Arm/disarm the timer and start/stop the sweeper to match the open scopes.
+    def _assign_tier(self, scope: Scope) -> None:
+        """Route a new scope to its tiers; arm the timer / start the sampler thread if needed.
 
-        Called with ``_lock`` held after every change.
+        Called with ``_lock`` held. Per-tier period counts (period -> open scopes) make this
+        O(1) in the number of open scopes: it runs on the request path.
         """
-        entries = self._entries
-        main = entries.get(self._main_tid) if self._main_tid is not None else None
-        # --- signal tier for the main thread
-        want_timer = False
-        if main is not None and _HAS_SIGPROF:
-            if self._handler_installed and signal.getsignal(signal.SIGPROF) != self._on_sigprof:
-                self._handler_installed = False  # the application replaced our handler
-            want_timer = self._handler_installed or self._install_handler()
-        if want_timer:
-            assert main is not None
-            period = min(s.period_ns for s in main.scopes)
+        scope.signal_tier = scope.thread_id == self._main_tid and self._ensure_handler()
+        if scope.signal_tier:
+            periods = self._signal_periods
+            periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
+            period = min(periods) if len(periods) > 1 else scope.period_ns
             if not self._timer_armed or period != self._timer_period_ns:
                 self._arm_timer(period)
-        elif self._timer_armed:
-            self._disarm_timer()
-        # --- the sampler thread: CPU of other threads, off-CPU wall time of all
-        sweep_periods = []
-        for tid, entry in entries.items():
-            cpu_by_thread = not (tid == self._main_tid and want_timer)
-            for s in entry.scopes:
-                if cpu_by_thread or s.include_system_calls:
-                    sweep_periods.append(s.period_ns)
-        if sweep_periods:
-            period = min(sweep_periods)
+        scope.swept = not scope.signal_tier or scope.include_system_calls
+        if not scope.signal_tier:
+            # The sampler thread weighs samples by the thread's scoped CPU clock.
+            clock = self._clocks[scope.thread_id]
+            if clock.open_since is None:
+                clock.start()
+        if scope.swept:
+            periods = self._sweep_periods
+            periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
+            period = min(periods)
             if self._sweeper is None:
                 self._sweeper = _Sweeper(self, period)
                 self._sweeper.start()
             else:
                 self._sweeper.period_ns = period
-        elif self._sweeper is not None:
-            self._sweeper.stop()
-            self._sweeper = None
+
+    def _release_tier(self, scope: Scope) -> None:
+        if scope.signal_tier:
+            periods = self._signal_periods
+            _decrement(periods, scope.period_ns)
+            if not periods:
+                if self._timer_armed:
+                    self._disarm_timer()
+            elif min(periods) != self._timer_period_ns:
+                self._arm_timer(min(periods))
+        if scope.swept:
+            periods = self._sweep_periods
+            _decrement(periods, scope.period_ns)
+            if not periods:
+                if self._sweeper is not None:
+                    self._sweeper.stop()
+                    self._sweeper = None
+            elif self._sweeper is not None:
+                self._sweeper.period_ns = min(periods)
+
+    def _ensure_handler(self) -> bool:
+        """True if our SIGPROF handler is in place (installing it if possible)."""
+        if not _HAS_SIGPROF:
+            return False
+        if self._handler_installed:
+            # Re-check at most once a second that the application did not replace it.
+            now = time.monotonic()
+            if now - self._handler_checked < 1.0:
+                return True
+            self._handler_checked = now
+            if signal.getsignal(signal.SIGPROF) == self._on_sigprof:
+                return True
+            self._handler_installed = False
+        return self._install_handler()
 
     def _install_handler(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
@@ -506,8 +539,14 @@ class Engine:
             clock = self._clocks.get(entry.tid)
             if clock is None:
                 return
-            delta = clock.take_delta()
-            if delta <= 0:
+            # The timer counts the process's CPU time while a main-thread scope is open. The
+            # sample stands for the main thread's share: its CPU since the previous tick,
+            # capped at the period (it may include time between requests). A tick earned by
+            # other threads while the main thread idled weighs ~0 and is dropped.
+            raw = clock.raw()
+            delta = min(raw - clock.tick_mark, self._timer_period_ns)
+            clock.tick_mark = raw
+            if delta <= self._timer_period_ns // 50:
                 return
             self._dispatch(entry, frame, delta, delta, "signal")
         except Exception:
@@ -614,6 +653,14 @@ class _Sweeper:
             except Exception:
                 _errors.exception("otlp_middleware: the sampler thread failed")
             last = now
+
+
+def _decrement(counts: dict[int, int], key: int) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 ENGINE = Engine()

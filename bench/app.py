@@ -1,0 +1,54 @@
+"""The benchmark app: one ~1 ms CPU endpoint, wrapped according to BENCH_MODE.
+
+BENCH_MODE: ``bare`` (no middleware), ``never`` (middleware, nothing sampled), ``always``
+(every request profiled at 99 Hz, aggregate pprof files), ``otlp`` (every request profiled,
+exported as OTLP to BENCH_ENDPOINT).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from otlp_middleware.middleware import ProfilingMiddleware
+
+
+def handler_work(ms: float = 1.0) -> int:
+    end = time.thread_time_ns() + int(ms * 1e6)
+    x = 0
+    while time.thread_time_ns() < end:
+        for i in range(50):
+            x += i
+    return x
+
+
+async def bare_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        return
+    handler_work()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+MODE = os.environ.get("BENCH_MODE", "bare")
+if MODE == "bare":
+    app: Any = bare_app
+elif MODE == "never":
+    app = ProfilingMiddleware(bare_app, sampler="never", output_dir=os.environ.get("BENCH_DIR", "profiles"))
+elif MODE == "always":
+    app = ProfilingMiddleware(
+        bare_app, sampler="always", aggregate=True, output_dir=os.environ.get("BENCH_DIR", "profiles")
+    )
+elif MODE == "otlp":
+    app = ProfilingMiddleware(bare_app, sampler="always", endpoint=os.environ["BENCH_ENDPOINT"])
+else:
+    raise SystemExit(f"unknown BENCH_MODE={MODE!r}")

@@ -1,0 +1,158 @@
+"""Middleware overhead under load: throughput ratios against the bare app, in one run.
+
+Starts one uvicorn server (one worker) per variant on loopback, then runs ``wrk`` against
+them in alternating rounds so machine noise hits every variant alike, and reports each
+variant's median requests/second as a ratio of the bare app's in the same round. Also
+measures the microseconds the middleware adds per request on the request path, in process.
+
+    python bench/bench_middleware.py [--rounds 7] [--duration 3] [--variants bare,never,always]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "BENCH_MODE": mode, "PYTHONPATH": ROOT, **env_extra}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.app:app", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"server for {mode} did not start") from None
+            time.sleep(0.1)
+
+
+def wrk(port: int, duration: float, connections: int) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise SystemExit(f"cannot parse wrk output:\n{out}")
+    return float(m.group(1))
+
+
+def request_path_cost(n: int = 20000) -> dict[str, float]:
+    """Microseconds per request the middleware adds around a trivial ASGI app, in process."""
+    from otlp_middleware.export import ExportResult
+    from otlp_middleware.middleware import ProfilingMiddleware
+
+    class Discard:
+        def export(self, records: Any) -> ExportResult:
+            return ExportResult(True, len(records))
+
+        def shutdown(self, timeout: float = 10) -> None:
+            pass
+
+    async def trivial(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def noop_send(message: Any) -> None:
+        pass
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "root_path": ""}
+    apps = {
+        "bare": trivial,
+        "never": ProfilingMiddleware(trivial, sampler="never", exporter=Discard()),
+        "always": ProfilingMiddleware(trivial, sampler="always", exporter=Discard()),
+    }
+
+    async def run(app: Any) -> float:
+        for _ in range(500):
+            await app(scope, receive, noop_send)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n // 5):
+                await app(scope, receive, noop_send)
+            best = min(best, (time.perf_counter() - t) / (n // 5))
+        return best
+
+    async def main() -> dict[str, float]:
+        return {name: await run(app) for name, app in apps.items()}
+
+    times = asyncio.run(main())
+    for app in apps.values():
+        if hasattr(app, "profiler"):
+            app.profiler.shutdown(5)
+    return {name: (t - times["bare"]) * 1e6 for name, t in times.items() if name != "bare"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--duration", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--variants", default="bare,never,always")
+    ap.add_argument("--endpoint", default=None, help="OTLP endpoint for the 'otlp' variant")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is required (apt-get install wrk)")
+    variants = args.variants.split(",")
+    tmp = tempfile.mkdtemp(prefix="bench-profiles-")
+    extra = {"BENCH_DIR": tmp}
+    if args.endpoint:
+        extra["BENCH_ENDPOINT"] = args.endpoint
+    servers = {v: start_server(v, extra) for v in variants}
+    try:
+        for _, port in servers.values():
+            wrk(port, 1.0, args.connections)  # warm up
+        results: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants if r % 2 == 0 else list(reversed(variants))
+            for v in order:
+                results[v].append(wrk(servers[v][1], args.duration, args.connections))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(20)
+    print(f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
+          f"{args.rounds} alternating rounds")
+    print("(ratio = median over rounds of variant / bare in the same round)")
+    for v in variants:
+        ratios = [a / b for a, b in zip(results[v], results["bare"])]
+        print(f"  {v:>7}: {statistics.median(results[v]):8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}")
+    files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
+    print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
+    cost = request_path_cost()
+    print("Request-path cost added per request (in process, trivial app): "
+          + ", ".join(f"{k}: {v:.2f} us" for k, v in cost.items()))
+
+
+if __name__ == "__main__":
+    main()
