@@ -429,6 +429,36 @@ def test_forked_child_starts_clean() -> None:
     assert bytes_in(samples, "alloc_in_a") > 0
 
 
+EXIT_SCRIPT = """
+import threading
+from otlp_middleware.profiling.memory import MemoryProfilerConfig, open_memory_scope
+scope = open_memory_scope(MemoryProfilerConfig(sampling_rate=1024))  # never closed
+
+def churn():
+    while True:
+        data = [bytearray(2048) for _ in range(50)]
+
+threading.Thread(target=churn, daemon=True).start()
+data = [bytearray(4096) for _ in range(1000)]
+print("exiting")
+"""
+
+
+@needs_native
+def test_interpreter_exits_cleanly_with_a_scope_open_and_threads_allocating() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": root},
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "exiting"
+
+
 # ---------------------------------------------------------------- recording edge cases
 def recurse(depth: int) -> int:
     if depth == 0:

@@ -208,6 +208,7 @@ class _NativeEngine:
         self._ids = itertools.count(1)
         self._generation = 0
         self._rng = random.Random()
+        self._shut_down = False
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork_in_child)
         atexit.register(self.shutdown)
@@ -219,6 +220,9 @@ class _NativeEngine:
     def open(self, config: MemoryProfilerConfig) -> _ScopeState:
         with self._lock:
             state = _ScopeState(next(self._ids), config, self._generation)
+            if self._shut_down:  # the interpreter is exiting: never hook again
+                state.closed = True
+                return state
             self._scopes[state.id] = state
             key = config._hook_key
             n = self._configs.get(key, 0)
@@ -288,6 +292,7 @@ class _NativeEngine:
     def shutdown(self) -> None:
         """Remove the hook (atexit: nothing must sample while the interpreter finalizes)."""
         with self._lock:
+            self._shut_down = True
             self._scopes.clear()
             self._configs.clear()
             self._params = None

@@ -301,6 +301,9 @@ static msample_t *capture(size_t size) {
 
 static void on_sampled(void *ptr, size_t size) {
     if (t_busy) return; /* an allocation made while recording: not sampled */
+    /* No current thread state means no GIL (an extension breaking the PyMem rules): touch
+       nothing shared. */
+    if (current_tstate() == NULL) return;
     if (g_npending >= MAX_PENDING) {
         g_dropped++;
         return;
@@ -319,7 +322,6 @@ static void on_sampled(void *ptr, size_t size) {
     msample_t *s = capture(size);
     t_busy = 0;
     if (s == NULL) return;
-    /* The recording may itself have sampled nothing (t_busy) but never drained: safe. */
     s->ptr = (uintptr_t)ptr;
     s->serial = ++g_serial;
     g_pending[g_npending++] = s;
