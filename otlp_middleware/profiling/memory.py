@@ -48,6 +48,7 @@ import random
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import CodeType, ModuleType, TracebackType
@@ -268,8 +269,8 @@ class _NativeEngine:
             if state.closed:
                 return state.result
             state.closed = True
-            if state.generation != self._generation:
-                return state.result  # opened before a fork: the child starts clean
+            if state.generation != self._generation or self._shut_down:
+                return state.result  # opened before a fork (the child starts clean) or exit
             self._drain()
             del self._scopes[state.id]
             raw, state.raw = state.raw, []
@@ -312,7 +313,7 @@ def _aggregate(
     config: MemoryProfilerConfig,
     raw: list[tuple[int, int, int, int, int, tuple[int, ...], bool]],
     alive: list[bool],
-    rng_random: Any,
+    rng_random: Callable[[], float],
 ) -> list[HeapSample]:
     """Scale raw samples to estimates and sum them per (stack, thread)."""
     rate = config.sampling_rate
