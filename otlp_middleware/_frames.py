@@ -84,6 +84,13 @@ def truncated_marker(dropped: int) -> int:
     return FRAMES.intern(TRUNCATED_NAME, "", 0, 0)
 
 
+def truncate(stack: tuple[int, ...], max_depth: int) -> tuple[int, ...]:
+    """Keep the ``max_depth`` leaf-most frames of ``stack`` and a marker for the rest."""
+    if len(stack) <= max_depth:
+        return stack
+    return (*stack[:max_depth], truncated_marker(len(stack) - max_depth))
+
+
 def capture_stack(
     frame: FrameType | None, max_depth: int, roots: dict[int, Any] | None = None
 ) -> tuple[tuple[int, ...], list[Any]]:

@@ -69,6 +69,7 @@ __all__ = [
     "OTEL_EXPORTER_OTLP_TIMEOUT",
     "OTEL_RESOURCE_ATTRIBUTES",
     "OTEL_SERVICE_NAME",
+    "OTLP_MIDDLEWARE_CPU_SAMPLER",
     "OTLP_MIDDLEWARE_SETTINGS_MODULE",
     "PROFILES_PATH",
     "OptionInfo",
@@ -81,6 +82,10 @@ __all__ = [
 
 #: Prefix of the library's own variables: ``OTLP_MIDDLEWARE_<NAME>`` exists for every option.
 ENV_PREFIX = "OTLP_MIDDLEWARE_"
+#: Which CPU sampling tier to use: ``auto`` (default: native when built, else signal on the
+#: main thread and a sampler thread elsewhere), ``native``, ``signal`` or ``thread``. Read once
+#: at import by the sampling engine; meant for troubleshooting and benchmarks.
+OTLP_MIDDLEWARE_CPU_SAMPLER = "OTLP_MIDDLEWARE_CPU_SAMPLER"
 #: Dotted name of a module whose UPPER-case attributes are settings (like Django's).
 OTLP_MIDDLEWARE_SETTINGS_MODULE = "OTLP_MIDDLEWARE_SETTINGS_MODULE"
 #: Base URL of an OTLP/HTTP receiver; :data:`PROFILES_PATH` is appended.

@@ -42,6 +42,14 @@ def leak_check() -> Iterator[None]:
         problems.append(f"{ENGINE.open_scopes} profiling scope(s) left open")
     if ENGINE.timer_armed:
         problems.append("the SIGPROF interval timer is still armed")
+    # Idle machinery (signal handler, native sampler, its collector thread) may stay between
+    # scopes in production; tests remove it so each test starts clean.
+    ENGINE.uninstall()
+    if ENGINE.native_available:
+        from otlp_middleware.profiling import _cpu_native  # type: ignore[attr-defined]
+
+        if _cpu_native.active_timers():
+            problems.append(f"{_cpu_native.active_timers()} native CPU timer(s) still armed")
     # Threads finish asynchronously after being told to stop: give them a moment.
     deadline = time.monotonic() + 2.0
     while _our_threads() and time.monotonic() < deadline:
@@ -53,7 +61,6 @@ def leak_check() -> Iterator[None]:
     if _environ() != environ_before:
         changed = set(_environ().items()) ^ set(environ_before.items())
         problems.append(f"environment changed: {sorted(changed)}")
-    ENGINE.uninstall()
     if problems:
         pytest.fail("leak check: " + "; ".join(problems))
 
@@ -65,3 +72,34 @@ def go_pprof() -> str:
     if go is None:
         pytest.skip("`go` not installed (apt-get install golang-go); CI installs it")
     return go
+
+
+def _methods() -> list[object]:
+    native = pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not ENGINE.native_available, reason="native CPU sampler not built (no compiler?)"
+        ),
+    )
+    return [native, "signal"]
+
+
+@pytest.fixture(params=_methods())
+def cpu_method(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with each exact CPU sampling tier (native, and SIGPROF on the main thread)."""
+    method = str(request.param)
+    ENGINE.set_method(method)
+    try:
+        yield method
+    finally:
+        ENGINE.set_method("auto")
+
+
+@pytest.fixture
+def thread_method() -> Iterator[str]:
+    """Force the sampler-thread fallback tier."""
+    ENGINE.set_method("thread")
+    try:
+        yield "thread"
+    finally:
+        ENGINE.set_method("auto")

@@ -95,13 +95,14 @@ def test_lifecycle_errors() -> None:
 
 
 # ---------------------------------------------------------------- accuracy
-def test_one_cpu_second_at_99hz() -> None:
+def test_one_cpu_second_at_99hz(cpu_method: str) -> None:
     with CpuProfiler(CpuProfilerConfig(sampling_frequency=99)) as p:
         workloads.hot_function(0.8)
         workloads.cold_function(0.2)
     stats = p.get_stats()
     assert 60 <= stats.sample_count <= 140, stats
-    assert stats.method == "signal"
+    assert stats.method == cpu_method
+    assert set(stats.methods) == {cpu_method}
     profile = p.generate_profile()
     hot = value_in(profile, 1, "hot_function")
     cold = value_in(profile, 1, "cold_function")
@@ -128,7 +129,7 @@ def test_sleeping_function_gets_wall_samples_with_system_calls() -> None:
     assert 0.15e9 <= wall <= 0.45e9, wall
 
 
-def test_bursts_between_socket_writes_on_main_thread() -> None:
+def test_bursts_between_socket_writes_on_main_thread(cpu_method: str) -> None:
     """Where a GIL-bound sampler thread sees the socket calls, we must see the bursts."""
     assert threading.current_thread() is threading.main_thread()
     with CpuProfiler(CpuProfilerConfig(sampling_frequency=99, max_duration=None)) as p:
@@ -152,7 +153,18 @@ def test_max_duration_stops_sampling() -> None:
 
 
 # ---------------------------------------------------------------- isolation
-def test_two_threads_two_profilers_do_not_mix() -> None:
+@pytest.mark.parametrize("tier", ["native", "thread"])
+def test_two_threads_two_profilers_do_not_mix(tier: str) -> None:
+    if tier == "native" and not ENGINE.native_available:
+        pytest.skip("native CPU sampler not built")
+    ENGINE.set_method(tier)
+    try:
+        _two_threads()
+    finally:
+        ENGINE.set_method("auto")
+
+
+def _two_threads() -> None:
     results: dict[str, Profile] = {}
 
     def run(fn_name: str) -> None:
@@ -182,7 +194,7 @@ async def task_beta() -> None:
         await asyncio.sleep(0)
 
 
-def test_two_asyncio_tasks_on_one_loop_do_not_mix() -> None:
+def test_two_asyncio_tasks_on_one_loop_do_not_mix(cpu_method: str) -> None:
     async def main() -> tuple[Profile, Profile]:
         (_, pa), (_, pb) = await asyncio.gather(
             profile_async(task_alpha(), CpuProfilerConfig(sampling_frequency=199)),
@@ -195,7 +207,7 @@ def test_two_asyncio_tasks_on_one_loop_do_not_mix() -> None:
     assert "task_beta" in function_names(pb) and "task_alpha" not in function_names(pb)
 
 
-def test_cpu_profiler_started_in_a_task_profiles_that_task() -> None:
+def test_cpu_profiler_started_in_a_task_profiles_that_task(cpu_method: str) -> None:
     async def profiled() -> Profile:
         async with CpuProfiler(CpuProfilerConfig(sampling_frequency=199)) as p:
             await task_alpha()
@@ -305,7 +317,18 @@ def test_nothing_runs_while_no_scope_is_open() -> None:
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
 
 
-def test_existing_sigprof_handler_is_not_clobbered(caplog: pytest.LogCaptureFixture) -> None:
+def test_existing_sigprof_handler_is_not_clobbered(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ENGINE.set_method("signal")
+    monkeypatch.setattr(ENGINE, "_signal_refused", None)
+    try:
+        _sigprof_taken(caplog)
+    finally:
+        ENGINE.set_method("auto")
+
+
+def _sigprof_taken(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[int] = []
 
     def app_handler(signum: int, frame: object) -> None:
@@ -323,7 +346,7 @@ def test_existing_sigprof_handler_is_not_clobbered(caplog: pytest.LogCaptureFixt
         signal.signal(signal.SIGPROF, previous)
 
 
-def test_fork_child_can_profile() -> None:
+def test_fork_child_can_profile(cpu_method: str) -> None:
     with CpuProfiler():  # the parent has a scope open while forking
         workloads.spin(0.02)
         read_fd, write_fd = os.pipe()
@@ -347,3 +370,35 @@ def test_fork_child_can_profile() -> None:
     ok, n = data.split()
     assert ok == "1", "the child inherited open scopes or a sampler thread"
     assert int(n) >= 30
+
+
+def test_worker_thread_bursts_are_exact_with_the_native_sampler() -> None:
+    """The accuracy test in a worker thread, where only the native tier is exact."""
+    if not ENGINE.native_available:
+        pytest.skip("native CPU sampler not built")
+    result: dict[str, float] = {}
+
+    def worker() -> None:
+        with CpuProfiler(CpuProfilerConfig(sampling_frequency=99, max_duration=None)) as p:
+            cpu0 = time.thread_time()
+            workloads.bursts_with_socket_writes(1.5)
+            result["cpu"] = time.thread_time() - cpu0
+        profile = p.generate_profile()
+        result["share"] = value_in(profile, 1, "burst") / sum(s.value[1] for s in profile.sample)
+        result["count"] = p.get_stats().sample_count
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert result["share"] >= 0.8, result
+    assert abs(result["count"] - 99 * result["cpu"]) <= 0.3 * 99 * result["cpu"], result
+
+
+def test_sampler_thread_fallback_still_profiles(thread_method: str) -> None:
+    """The last-resort tier: samples arrive and stay isolated, marked as 'thread'."""
+    with CpuProfiler(CpuProfilerConfig(sampling_frequency=99)) as p:
+        workloads.hot_function(0.4)
+    stats = p.get_stats()
+    assert stats.method == "thread" and set(stats.methods) == {"thread"}
+    assert stats.sample_count >= 20
+    assert "hot_function" in function_names(p.generate_profile())

@@ -36,6 +36,7 @@ starts with a clean engine (``os.register_at_fork``).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -47,14 +48,42 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from ..config import OTLP_MIDDLEWARE_CPU_SAMPLER
 from ..types import CpuSample
-from ._frames import capture_stack
+from ._frames import FRAMES, capture_stack, truncate, truncated_marker
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_DEPTH = 128
 
 _HAS_SIGPROF = hasattr(signal, "SIGPROF") and hasattr(signal, "setitimer")
+
+METHODS = ("auto", "native", "signal", "thread")
+NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
+COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
+
+
+def _load_native() -> Any:
+    """The native sampler module, or None where it was not built or cannot load."""
+    try:
+        from . import _cpu_native  # type: ignore[attr-defined]
+    except ImportError as exc:
+        logger.debug("otlp_middleware: native CPU sampler unavailable: %s", exc)
+        return None
+    return _cpu_native
+
+
+def _method_from_environ() -> str:
+    value = os.environ.get(OTLP_MIDDLEWARE_CPU_SAMPLER, "auto").strip().lower() or "auto"
+    if value not in METHODS:
+        logger.warning(
+            "otlp_middleware: %s=%r is not one of %s; using auto",
+            OTLP_MIDDLEWARE_CPU_SAMPLER,
+            value,
+            ", ".join(METHODS),
+        )
+        return "auto"
+    return value
 
 
 class RateLimitedLog:
@@ -88,6 +117,7 @@ class Scope:
     __slots__ = (
         "__weakref__",
         "closed_ns",
+        "native_tier",
         "signal_tier",
         "swept",
         "deadline_ns",
@@ -123,6 +153,7 @@ class Scope:
         self.opened_mono_ns = time.monotonic_ns()
         self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
         self.closed_ns: int | None = None
+        self.native_tier = False  # sampled by the native tier (set by the engine)
         self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
         self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
 
@@ -217,6 +248,13 @@ class Engine:
     """Owns every open scope and the tiers that sample them. One per process: ``ENGINE``."""
 
     def __init__(self) -> None:
+        self._method = _method_from_environ()
+        self._native_module = _load_native()
+        if self._method == "native" and self._native_module is None:
+            logger.warning(
+                "otlp_middleware: %s=native but the native sampler is not built; falling back",
+                OTLP_MIDDLEWARE_CPU_SAMPLER,
+            )
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):
@@ -246,7 +284,16 @@ class Engine:
         self._signal_refused: str | None = None
         self._in_handler = False
         self._sweeper: _Sweeper | None = None
-        self._native: Any = None  # the native tier, when loaded
+        # --- native tier
+        self._native: Any = self._native_module if self._method in ("auto", "native") else None
+        self._native_periods: dict[int, int] = {}
+        self._native_hz = 0.0
+        self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
+        self._retired_tokens: list[int] = []
+        self._thread_tokens: dict[int, int] = {}  # tid -> current token of its thread scopes
+        self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
+        self._token_counter = itertools.count(1)
+        self._collector: _Collector | None = None
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -261,9 +308,35 @@ class Engine:
     def timer_armed(self) -> bool:
         return self._timer_armed
 
+    @property
+    def method(self) -> str:
+        """The configured tier preference: auto, native, signal or thread."""
+        return self._method
+
+    @property
+    def native_available(self) -> bool:
+        return self._native_module is not None
+
+    def set_method(self, method: str) -> None:
+        """Choose the sampling tier (``auto``, ``native``, ``signal``, ``thread``).
+
+        Only while no scope is open; for troubleshooting, tests and benchmarks.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
+        with self._lock:
+            if self._open:
+                raise RuntimeError("set_method(): scopes are open")
+            self._method = method
+            self._native = self._native_module if method in ("auto", "native") else None
+
     def method_for(self, tid: int) -> str:
         """The tier that samples CPU on thread ``tid`` right now."""
-        if tid == self._main_tid and self._signal_usable():
+        if self._native is not None:
+            return "native"
+        if self._method == "thread":
+            return "thread"
+        if tid == self._main_tid and _HAS_SIGPROF and self._signal_refused is None:
             return "signal"
         return "thread"
 
@@ -336,7 +409,9 @@ class Engine:
             old = entries.get(tid)
             if old is None:
                 entry = _ThreadEntry(tid, threading.current_thread().name, (), {})
-                if tid not in self._clocks:
+                if tid != self._main_tid or tid not in self._clocks:
+                    # A fresh clock: thread idents are reused after a thread ends, and a
+                    # reused ident must not inherit a dead thread's CPU clock.
                     self._clocks[tid] = _ThreadClock(_thread_cpu_clock())
             else:
                 entry = _ThreadEntry(tid, old.name, old.thread_scopes, old.roots)
@@ -355,10 +430,11 @@ class Engine:
 
     def close(self, scope: Scope) -> None:
         """Stop collecting for ``scope``. Idempotent; safe after fork (a no-op there)."""
-        if scope.closed_ns is None:
-            scope.closed_ns = time.time_ns()
+        closed_ns = time.time_ns()
         with self._lock:
-            self._remove(scope)
+            self._remove(scope)  # drains the native ring into the scope first
+        if scope.closed_ns is None:
+            scope.closed_ns = closed_ns
 
     def _remove(self, scope: Scope) -> None:
         tid = scope.thread_id
@@ -382,28 +458,22 @@ class Engine:
             else:
                 del roots[key]
             thread_scopes = old.thread_scopes
+        root = scope.root_frame
         scope.root_frame = None  # do not keep the coroutine's frame alive
         entries = self._entries.copy()
         if thread_scopes or roots:
             entries[tid] = _ThreadEntry(tid, old.name, thread_scopes, roots)
         else:
             del entries[tid]
-            clock = self._clocks.get(tid)
-            if clock is not None:
-                clock.stop()
-                if tid != self._main_tid:
-                    self._prune_clocks()
+            if tid == self._main_tid:
+                self._clocks[tid].stop()
+            else:
+                self._clocks.pop(tid, None)
         self._entries = entries
         self._open -= 1
+        if scope.native_tier:
+            self._release_native(scope, root)
         self._release_tier(scope)
-
-    def _prune_clocks(self) -> None:
-        # Keep at most one clock per live thread: dead threads' clocks go.
-        if len(self._clocks) > 64:
-            alive = {t.ident for t in threading.enumerate()}
-            for tid in list(self._clocks):
-                if tid not in alive and tid not in self._entries:
-                    del self._clocks[tid]
 
     # ------------------------------------------------------------------ tiers
     def _signal_usable(self) -> bool:
@@ -415,7 +485,20 @@ class Engine:
         Called with ``_lock`` held. Per-tier period counts (period -> open scopes) make this
         O(1) in the number of open scopes: it runs on the request path.
         """
-        scope.signal_tier = scope.thread_id == self._main_tid and self._ensure_handler()
+        if self._native is not None and self._assign_native(scope):
+            scope.native_tier = True
+            scope.swept = scope.include_system_calls
+            if scope.swept:
+                clock = self._clocks[scope.thread_id]
+                if clock.open_since is None:
+                    clock.start()
+                self._add_swept(scope)
+            return
+        scope.signal_tier = (
+            self._method != "thread"
+            and scope.thread_id == self._main_tid
+            and self._ensure_handler()
+        )
         if scope.signal_tier:
             periods = self._signal_periods
             periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
@@ -429,14 +512,127 @@ class Engine:
             if clock.open_since is None:
                 clock.start()
         if scope.swept:
-            periods = self._sweep_periods
-            periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
-            period = min(periods)
-            if self._sweeper is None:
-                self._sweeper = _Sweeper(self, period)
-                self._sweeper.start()
-            else:
-                self._sweeper.period_ns = period
+            self._add_swept(scope)
+
+    def _add_swept(self, scope: Scope) -> None:
+        periods = self._sweep_periods
+        periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
+        period = min(periods)
+        if self._sweeper is None:
+            self._sweeper = _Sweeper(self, period)
+            self._sweeper.start()
+        else:
+            self._sweeper.period_ns = period
+
+    # ------------------------------------------------------------------ native tier
+    def _assign_native(self, scope: Scope) -> bool:
+        """Register ``scope`` with the native sampler; False if it cannot take it."""
+        native = self._native
+        periods = self._native_periods
+        periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
+        hz = 1e9 / min(periods)
+        try:
+            if not native.is_started():
+                native.start(hz, NATIVE_CAPACITY)
+                self._native_hz = hz
+            elif hz != self._native_hz:
+                native.set_frequency(hz)
+                self._native_hz = hz
+            tid = scope.thread_id
+            if scope.root_frame is not None:
+                self._register_root(tid, id(scope.root_frame), scope.root_frame)
+            if threading.get_ident() == tid:
+                self._rearm_thread(tid)
+        except RuntimeError as exc:  # e.g. the signal is taken by the application
+            _decrement(periods, scope.period_ns)
+            logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
+            self._native = None
+            return False
+        if self._collector is None:
+            self._collector = _Collector(self)
+        self._collector.wake()
+        return True
+
+    def _new_token(self, tid: int, scopes: tuple[Scope, ...]) -> int:
+        token = next(self._token_counter)
+        entry = self._entries.get(tid)
+        self._tokens[token] = (tid, entry.name if entry else "", scopes)
+        return token
+
+    def _retire(self, token: int | None) -> None:
+        # Samples already in the ring may carry the old token: forget it after the next drain.
+        if token is not None:
+            self._retired_tokens.append(token)
+
+    def _rearm_thread(self, tid: int) -> None:
+        entry = self._entries.get(tid)
+        if entry is None:
+            self._native.disarm_thread()
+            self._retire(self._thread_tokens.pop(tid, None))
+            return
+        token = self._new_token(tid, entry.thread_scopes)
+        self._native.arm_thread(token)
+        self._retire(self._thread_tokens.get(tid))
+        self._thread_tokens[tid] = token
+
+    def _register_root(self, tid: int, key: int, frame: FrameType | None) -> None:
+        entry = self._entries.get(tid)
+        group = entry.roots.get(key, ()) if entry is not None else ()
+        old = self._root_tokens.pop(key, None)
+        if group:
+            token = self._new_token(tid, group)
+            self._native.add_root(frame if frame is not None else group[0].root_frame, token)
+            self._root_tokens[key] = token
+        elif frame is not None:
+            self._native.remove_root(frame)
+        self._retire(old)
+
+    def _release_native(self, scope: Scope, root: FrameType | None) -> None:
+        self.collect()  # take the closing scope's samples while its tokens are known
+        tid = scope.thread_id
+        if root is not None:
+            self._register_root(tid, id(root), root)
+        if threading.get_ident() == tid:
+            self._rearm_thread(tid)
+        _decrement(self._native_periods, scope.period_ns)
+        if self._native_periods and 1e9 / min(self._native_periods) != self._native_hz:
+            self._native_hz = 1e9 / min(self._native_periods)
+            self._native.set_frequency(self._native_hz)
+
+    def collect(self) -> None:
+        """Move the native sampler's recorded samples into their scopes (needs the GIL)."""
+        native = self._native
+        if native is None or not native.is_started():
+            return
+        samples = native.drain()
+        if samples:
+            tokens = self._tokens
+            intern = FRAMES.intern
+            max_native_depth = native.MAX_DEPTH
+            for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
+                owner = tokens.get(thread_token)
+                groups = [owner] if owner is not None and owner[2] else []
+                for rt in root_tokens:
+                    g = tokens.get(rt)
+                    if g is not None:
+                        groups.append(g)
+                if not groups:
+                    continue
+                stack = tuple(intern(n, f, first, line) for n, f, first, line in frames)
+                if len(stack) >= max_native_depth:
+                    stack += (truncated_marker(1),)
+                tid, name = groups[0][0], groups[0][1]
+                sample = CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts)
+                for _, _, scopes in groups:
+                    for s in scopes:
+                        if len(stack) > s.max_depth:
+                            s.record(sample._replace(stack=truncate(stack, s.max_depth)), "native")
+                        else:
+                            s.record(sample, "native")
+        if self._retired_tokens:
+            retired, self._retired_tokens = self._retired_tokens, []
+            for token in retired:
+                self._tokens.pop(token, None)
 
     def _release_tier(self, scope: Scope) -> None:
         if scope.signal_tier:
@@ -521,9 +717,18 @@ class Engine:
         Called at interpreter exit and by tests; a later scope installs the handler again.
         """
         with self._lock:
-            if self._open or not self._handler_installed:
+            if self._open:
                 return
-            if threading.current_thread() is threading.main_thread():
+            if self._collector is not None:
+                self._collector.stop()
+                self._collector = None
+            if self._native is not None and self._native.is_started():
+                self._native.stop()
+                self._tokens.clear()
+                self._thread_tokens.clear()
+                self._root_tokens.clear()
+                self._retired_tokens.clear()
+            if self._handler_installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGPROF, signal.SIG_DFL)
                 self._handler_installed = False
 
@@ -573,34 +778,40 @@ class Engine:
         if not entries:
             return
         frames = sys._current_frames()
-        signal_main = self._timer_armed
         for tid, entry in entries.items():
             if tid == own_tid:
                 continue
             frame = frames.get(tid)
-            if frame is None:
-                continue
             clock = self._clocks.get(tid)
-            if clock is None:
+            if frame is None or clock is None:
                 continue
-            if not (tid == self._main_tid and signal_main):
+            scopes = entry.scopes
+            # CPU samples only for scopes no exact tier covers (they would count twice).
+            cpu_scopes = [s for s in scopes if not s.native_tier and not s.signal_tier]
+            if cpu_scopes:
                 delta = clock.take_delta()
                 if delta > 0:
-                    self._dispatch(entry, frame, delta, delta, "thread")
-            wall_scopes = [s for s in entry.scopes if s.include_system_calls]
+                    self._dispatch_to(entry, frame, delta, delta, cpu_scopes)
+            wall_scopes = [s for s in scopes if s.include_system_calls]
             if wall_scopes:
                 raw = clock.raw()
                 busy = raw - clock.raw_wall_mark
                 clock.raw_wall_mark = raw
-                if busy < elapsed_ns // 2:
-                    self._dispatch_wall(entry, frame, elapsed_ns, wall_scopes)
+                if busy < elapsed_ns // 2:  # mostly off-CPU since the last tick
+                    self._dispatch_to(entry, frame, 0, elapsed_ns, wall_scopes)
 
-    def _dispatch_wall(
-        self, entry: _ThreadEntry, frame: FrameType, wall_ns: int, scopes: list[Scope]
+    def _dispatch_to(
+        self,
+        entry: _ThreadEntry,
+        frame: FrameType,
+        cpu_ns: int,
+        wall_ns: int,
+        scopes: list[Scope],
     ) -> None:
+        """Record one sampler-thread sample into those of ``scopes`` that own the stack."""
         depth = max(s.max_depth for s in scopes)
         stack, matched = capture_stack(frame, depth, entry.roots or None)
-        sample = CpuSample(stack, entry.tid, entry.name, 0, wall_ns, self.clock())
+        sample = CpuSample(stack, entry.tid, entry.name, cpu_ns, wall_ns, self.clock())
         owners = {id(s) for s in entry.thread_scopes}
         for group in matched:
             owners.update(id(s) for s in group)
@@ -611,9 +822,14 @@ class Engine:
     # ------------------------------------------------------------------ fork
     def _after_fork_in_child(self) -> None:
         sweeper = self._sweeper
+        collector = self._collector
         self._init_state()
         if sweeper is not None:
             sweeper.forget()
+        if collector is not None:
+            collector.forget()
+        if self._native_module is not None:
+            self._native_module._after_fork_child()
         # The SIGPROF handler is inherited; interval timers are not (POSIX).
         self._handler_installed = _HAS_SIGPROF and signal.getsignal(signal.SIGPROF) == getattr(
             self, "_on_sigprof", None
@@ -661,6 +877,54 @@ def _decrement(counts: dict[int, int], key: int) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
+
+
+class _Collector:
+    """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
+
+    One thread, created with the first native scope. While no native scope is open it blocks
+    on an event (no wake-ups); closing scopes drain the ring themselves, so short requests
+    never wait for it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._active = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run, name="otlp-middleware-collector", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        if not self._active.is_set():
+            self._active.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._active.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def forget(self) -> None:
+        self._stopped = True
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            self._active.wait()
+            if self._stopped:
+                return
+            time.sleep(COLLECT_INTERVAL)
+            if self._stopped:
+                return
+            with engine._lock:
+                try:
+                    engine.collect()
+                except Exception:
+                    _errors.exception("otlp_middleware: draining native samples failed")
+                if not engine._native_periods:
+                    self._active.clear()
 
 
 ENGINE = Engine()
