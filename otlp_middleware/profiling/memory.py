@@ -165,6 +165,9 @@ class MemoryProfilerConfig:
 # ---------------------------------------------------------------------------------- engines
 
 
+_RawSample = tuple[int, int, int, int, int, tuple[int, ...], bool, tuple[int, ...]]
+
+
 class _ScopeState:
     __slots__ = ("baseline", "closed", "config", "generation", "id", "raw", "result")
 
@@ -172,8 +175,8 @@ class _ScopeState:
         self.id = scope_id
         self.config = config
         self.generation = generation
-        # native: (serial, ptr, size, rate, thread_id, stack, truncated) per sample
-        self.raw: list[tuple[int, int, int, int, int, tuple[int, ...], bool]] = []
+        # native: (serial, ptr, size, rate, thread_id, stack, truncated, scope ids) per sample
+        self.raw: list[_RawSample] = []
         self.baseline: dict[Any, list[int]] | None = None  # tracemalloc only
         self.closed = False
         self.result: list[HeapSample] = []
@@ -257,10 +260,11 @@ class _NativeEngine:
         intern = FRAMES.intern_code
         for serial, ptr, size, rate, tid, token, frames, truncated in raw:
             targets = [scopes[i] for i in token if i in scopes]
-            if not targets:
-                continue  # allocated in a context whose scopes have closed
+            if not targets:  # allocated in a context whose scopes have closed
+                self._mod.untrack(ptr, serial)
+                continue
             stack = tuple(intern(frames[k], frames[k + 1]) for k in range(0, len(frames), 2))
-            sample = (serial, ptr, size, rate, tid, stack, truncated)
+            sample = (serial, ptr, size, rate, tid, stack, truncated, token)
             for state in targets:
                 state.raw.append(sample)
 
@@ -276,6 +280,12 @@ class _NativeEngine:
             raw, state.raw = state.raw, []
             track = state.config.track_deallocations and self._params is not None
             alive = [track and self._mod.is_alive(r[1], r[0]) for r in raw]
+            # Keep the pointer table to the blocks an open scope may still report as in use:
+            # every free probes it, so it must stay small (and cache-resident).
+            scopes = self._scopes
+            for r, live in zip(raw, alive, strict=True):
+                if live and not any(i in scopes for i in r[7]):
+                    self._mod.untrack(r[1], r[0])
             key = state.config._hook_key
             n = self._configs[key] - 1
             if n:
@@ -311,7 +321,7 @@ class _NativeEngine:
 
 def _aggregate(
     config: MemoryProfilerConfig,
-    raw: list[tuple[int, int, int, int, int, tuple[int, ...], bool]],
+    raw: list[_RawSample],
     alive: list[bool],
     rng_random: Callable[[], float],
 ) -> list[HeapSample]:
@@ -321,7 +331,7 @@ def _aggregate(
     depth = config.max_stack_depth
     acc: dict[tuple[tuple[int, ...], int], list[float]] = {}
     for sample, live in zip(raw, alive, strict=True):
-        _serial, _ptr, size, hook_rate, tid, stack, truncated = sample
+        _serial, _ptr, size, hook_rate, tid, stack, truncated, _token = sample
         if size < min_size:
             continue
         p = _probability(size, rate)

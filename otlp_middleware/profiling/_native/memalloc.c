@@ -54,7 +54,7 @@
 
 #define MAX_DEPTH_LIMIT 512
 #define MAX_PENDING 65536
-#define TABLE_MIN_BITS 10
+#define TABLE_MIN_BITS 6 /* 64 slots, 1 KiB: stays in L1 while few blocks are tracked */
 #define TABLE_MAX_BITS 22
 
 typedef struct {
@@ -93,6 +93,7 @@ static PyObject *g_var = NULL;
 static PyInterpreterState *g_interp = NULL;
 static __thread int t_busy = 0;
 
+static mframe_t g_scratch[MAX_DEPTH_LIMIT];
 static msample_t **g_pending = NULL;
 static size_t g_npending = 0, g_cappending = 0;
 static uint64_t g_recorded = 0, g_dropped = 0, g_untracked = 0;
@@ -263,29 +264,37 @@ static msample_t *capture(size_t size) {
         tok = NULL;
     }
     if (tok != NULL && PyTuple_Check(tok) && PyTuple_GET_SIZE(tok) > 0) {
-        s = malloc(sizeof(msample_t) + (size_t)g_max_depth * sizeof(mframe_t));
+        /* Walk into the scratch buffer (one user at a time: GIL held, t_busy set), then keep
+           a record of the exact size. */
+        int depth = 0, truncated = 0;
+        PyFrameObject *f = PyThreadState_GetFrame(ts); /* new reference or NULL */
+        while (f != NULL) {
+            if (depth >= g_max_depth) {
+                truncated = 1;
+                Py_DECREF(f);
+                break;
+            }
+            g_scratch[depth].code = (PyObject *)PyFrame_GetCode(f);
+            g_scratch[depth].line = PyFrame_GetLineNumber(f);
+            depth++;
+            PyFrameObject *back = PyFrame_GetBack(f);
+            Py_DECREF(f); /* the running frame keeps its object alive */
+            f = back;
+        }
+        s = malloc(sizeof(msample_t) + (size_t)depth * sizeof(mframe_t));
         if (s != NULL) {
             s->size = size;
             s->rate = g_rate;
             s->tid = PyThread_get_thread_ident();
             s->token = tok;
             tok = NULL;
-            s->depth = 0;
-            s->truncated = 0;
-            PyFrameObject *f = PyThreadState_GetFrame(ts); /* new reference or NULL */
-            while (f != NULL) {
-                if (s->depth >= g_max_depth) {
-                    s->truncated = 1;
-                    Py_DECREF(f);
-                    break;
-                }
-                s->frames[s->depth].code = (PyObject *)PyFrame_GetCode(f);
-                s->frames[s->depth].line = PyFrame_GetLineNumber(f);
-                s->depth++;
-                PyFrameObject *back = PyFrame_GetBack(f);
-                Py_DECREF(f); /* the running frame keeps its object alive */
-                f = back;
-            }
+            s->depth = depth;
+            s->truncated = truncated;
+            memcpy(s->frames, g_scratch, (size_t)depth * sizeof(mframe_t));
+        } else {
+            /* The frames are running: dropping these references frees nothing. */
+            for (int i = 0; i < depth; i++) Py_DECREF(g_scratch[i].code);
+            g_dropped++;
         }
     }
     Py_XDECREF(tok);
@@ -561,6 +570,16 @@ static PyObject *py_is_alive(PyObject *self, PyObject *args) {
     return PyBool_FromLong(s != NULL && s->serial == (uint64_t)serial);
 }
 
+static PyObject *py_untrack(PyObject *self, PyObject *args) {
+    unsigned long long ptr, serial;
+    if (!PyArg_ParseTuple(args, "KK:untrack", &ptr, &serial)) return NULL;
+    if (g_tcount) {
+        slot_t *s = table_find((uintptr_t)ptr);
+        if (s != NULL && s->serial == (uint64_t)serial) table_remove((uintptr_t)ptr);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_stats(PyObject *self, PyObject *unused) {
     return Py_BuildValue("{s:K,s:K,s:K,s:n,s:n,s:n,s:K,s:O}", "recorded",
                          (unsigned long long)g_recorded, "dropped", (unsigned long long)g_dropped,
@@ -601,6 +620,8 @@ static PyMethodDef methods[] = {
      "(code, line, ...) leaf first, truncated)]."},
     {"is_alive", py_is_alive, METH_VARARGS,
      "is_alive(ptr, serial): True if that sampled block has not been freed."},
+    {"untrack", py_untrack, METH_VARARGS,
+     "untrack(ptr, serial): stop watching a sampled block no open scope needs."},
     {"stats", py_stats, METH_NOARGS, "Counters of the hook."},
     {"reset_after_fork", py_reset_after_fork, METH_NOARGS, "Clean state in a forked child."},
     {"seed", py_seed, METH_O, "Seed the sampling random stream (tests)."},
