@@ -343,6 +343,30 @@ def test_scope_api_lifecycle_and_hook_removal() -> None:
 
 
 @needs_native
+def test_closed_scopes_blocks_leave_the_pointer_table() -> None:
+    config = MemoryProfilerConfig(sampling_rate=64 * 1024)
+    keep: list[bytearray] = []
+    results: list[list[HeapSample]] = []
+
+    def request() -> None:
+        scope = open_memory_scope(config)
+        alloc_in_a(160, keep)  # 10 MiB, still alive when the scope closes
+        results.append(scope.close()[0])
+
+    other = open_memory_scope(config)  # keeps the hook in
+    try:
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+        # Every free probes the table: blocks no open scope reports on are dropped from it.
+        assert _memalloc.stats()["tracked"] < 10
+    finally:
+        other.close()
+    assert bytes_in(results[0], "alloc_in_a", "inuse_bytes") > 5 * MIB
+    keep.clear()
+
+
+@needs_native
 def test_unhook_leaves_tracemalloc_working() -> None:
     scope = open_memory_scope(MemoryProfilerConfig(sampling_rate=64 * 1024))
     tracemalloc.start()
