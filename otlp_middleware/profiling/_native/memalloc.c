@@ -30,7 +30,9 @@
  *   With track, each sampled block is entered, by address, in a bounded open-addressing table
  *   (linear probing, backward-shift deletion); free and realloc remove it, so a sample is "in
  *   use" while its (ptr, serial) pair is still in the table. A realloc counts as a free of the
- *   old block and an allocation of the new size.
+ *   old block and an allocation of the new size. Every free probes the table, so it is kept
+ *   small: the Python side untracks blocks that no open scope can report any more. Without
+ *   tracking, free is not wrapped at all.
  *
  * Samples wait in a bounded buffer until drain() hands them to Python; when it is full,
  * new samples are dropped and counted. Everything here runs with the GIL held.
