@@ -86,6 +86,44 @@ class RouteOptions:
     attributes: Mapping[str, AttributeScalar] | None = None
 
 
+class RequestSlot:
+    """Per-request state shared with per-route decorators through ``CURRENT_REQUEST``.
+
+    The middleware makes one for every request it decided on while route decorators are in
+    use; a decorated view (running in the same context, or a copy of it in a thread pool)
+    can then start profiling a request the global sampler skipped, or skip one it sampled.
+    The middleware finishes ``handle`` when the response is complete.
+    """
+
+    __slots__ = ("handle", "method", "profiler", "skipped", "status_code")
+
+    def __init__(self, profiler: RequestProfiler, method: str, handle: RequestHandle | None):
+        self.profiler = profiler
+        self.method = method
+        self.handle = handle
+        self.skipped = False
+        self.status_code: int | None = None
+
+    def finish(self, route: str | None) -> None:
+        handle = self.handle
+        if handle is not None:
+            if handle.status_code is None:
+                handle.status_code = self.status_code
+            if route and "http.route" not in handle.attributes:
+                handle.set_route(route)
+            handle.finish()
+
+
+CURRENT_REQUEST: contextvars.ContextVar[RequestSlot | None] = contextvars.ContextVar(
+    "otlp_middleware_request", default=None
+)
+"""The request being served in this context (set only while route decorators exist)."""
+
+ROUTE_DECORATORS = {"in_use": False}
+"""Set by ``profile_route`` / ``skip_profiling`` when first applied, so that the request path
+pays for ``CURRENT_REQUEST`` only in apps that use them."""
+
+
 @dataclass(frozen=True)
 class ProfilerStats:
     """Request-path counters of a ``RequestProfiler``."""
@@ -101,10 +139,17 @@ class RequestHandle:
     """One profiled request, from the decision to its record. Made per request, never shared."""
 
     __slots__ = (
+        "_closed",
+        "_cpu_samples",
         "_cpu_scope",
         "_done",
+        "_duration_ns",
+        "_heap_period",
+        "_heap_samples",
         "_memory_scope",
         "_owner",
+        "_period_ns",
+        "_start_ns",
         "attributes",
         "link",
         "status_code",
@@ -115,6 +160,13 @@ class RequestHandle:
         self._cpu_scope: Scope | None = None
         self._memory_scope: Any = None
         self._done = False
+        self._closed = False
+        self._cpu_samples: tuple[Any, ...] = ()
+        self._heap_samples: Sequence[Any] = ()
+        self._period_ns = 0
+        self._heap_period = 0
+        self._start_ns = time.time_ns()
+        self._duration_ns = 0
         self.link = link
         self.attributes: dict[str, AttributeScalar] = {}
         self.status_code: int | None = None
@@ -130,13 +182,34 @@ class RequestHandle:
     def set_error(self, exc: BaseException) -> None:
         self.attributes["error.type"] = type(exc).__qualname__
 
+    def close_scopes(self) -> None:
+        """Stop collecting (the record is queued later by ``finish``). Idempotent."""
+        try:
+            self._owner._close_scopes(self)
+        except Exception:
+            self._owner._fault("closing a request's profile")
+
+    def discard(self) -> None:
+        """Stop collecting and drop what was collected: the request exports nothing."""
+        self.close_scopes()
+        self._done = True
+        self._cpu_samples = ()
+        self._heap_samples = ()
+
+    def drop_cpu(self) -> None:
+        """Stop and drop the CPU samples (``profile_route(cpu=False)``)."""
+        scope, self._cpu_scope = self._cpu_scope, None
+        if scope is not None:
+            ENGINE.close(scope)
+
     def finish(self) -> None:
         """Close the request's scopes and queue its record. Idempotent, never raises."""
         if self._done:
             return
         self._done = True
         try:
-            self._owner._finish(self)
+            self._owner._close_scopes(self)
+            self._owner._emit(self)
         except Exception:
             self._owner._fault("closing a request's profile")
 
@@ -216,6 +289,16 @@ class RequestProfiler:
             self._fault("the sampling strategy")
             return False
 
+    def sampler_decides(self, strategy: SamplingStrategy, method: str) -> bool:
+        """A route's own strategy deciding (``profile_route(sampler=...)``); faults -> False."""
+        try:
+            if strategy.needs_request:
+                return decide(strategy, RequestInfo(method, ""))
+            return strategy.should_sample()
+        except Exception:
+            self._fault("a route's sampling strategy")
+            return False
+
     # ------------------------------------------------------------------ scopes
     def begin(
         self,
@@ -277,6 +360,27 @@ class RequestProfiler:
             self._fault("opening a request's profile")
             return None
 
+    def open_slot(self, method: str, handle: RequestHandle | None) -> RequestSlot | None:
+        """The request's slot for route decorators, or None when no decorator is in use."""
+        if handle is None and not ROUTE_DECORATORS["in_use"]:
+            return None
+        return RequestSlot(self, method, handle)
+
+    def enter_slot(self, slot: RequestSlot) -> tuple[Any, Any]:
+        """Publish ``slot`` (and its CPU scope, for offloaded work) in this context."""
+        req = CURRENT_REQUEST.set(slot) if ROUTE_DECORATORS["in_use"] else None
+        cpu = self.enter_context(slot.handle) if slot.handle is not None else None
+        return req, cpu
+
+    def exit_slot(self, tokens: tuple[Any, Any]) -> None:
+        req, cpu = tokens
+        self.exit_context(cpu)
+        if req is not None:
+            try:
+                CURRENT_REQUEST.reset(req)
+            except ValueError:
+                pass
+
     def enter_context(self, handle: RequestHandle) -> contextvars.Token[Scope | None] | None:
         """Make ``handle``'s CPU scope the current one, so offloaded work is attributed."""
         if handle._cpu_scope is None:
@@ -291,35 +395,36 @@ class RequestProfiler:
             except ValueError:  # reset from another context: nothing of ours to undo there
                 pass
 
-    def _finish(self, handle: RequestHandle) -> None:
+    def _close_scopes(self, handle: RequestHandle) -> None:
+        if handle._closed:
+            return
+        handle._closed = True
         scope = handle._cpu_scope
-        cpu_samples: tuple[Any, ...] = ()
-        period = 0
-        start_ns = time.time_ns()
-        duration_ns = 0
         if scope is not None:
             ENGINE.close(scope)
-            cpu_samples = tuple(scope.samples)
-            period = scope.period_ns
-            start_ns = scope.opened_ns
-            duration_ns = scope.duration_ns
-        heap_samples: Sequence[Any] = ()
-        heap_period = 0
+            handle._cpu_samples = tuple(scope.samples)
+            handle._period_ns = scope.period_ns
+            handle._start_ns = scope.opened_ns
+            handle._duration_ns = scope.duration_ns
+        else:
+            handle._duration_ns = time.time_ns() - handle._start_ns
         if handle._memory_scope is not None:
-            heap_samples, heap_period = handle._memory_scope.close()
+            handle._heap_samples, handle._heap_period = handle._memory_scope.close()
+
+    def _emit(self, handle: RequestHandle) -> None:
         if handle.status_code is not None:
             handle.attributes["http.response.status_code"] = handle.status_code
-        if not cpu_samples and not heap_samples:
+        if not handle._cpu_samples and not handle._heap_samples:
             self._empty += 1
             return
         record = ProfileRecord(
             profile_id=new_profile_id(),
-            start_time_ns=start_ns,
-            duration_ns=duration_ns,
-            cpu_samples=cpu_samples,
-            cpu_period_ns=period,
-            heap_samples=heap_samples,
-            heap_period_bytes=heap_period,
+            start_time_ns=handle._start_ns,
+            duration_ns=handle._duration_ns,
+            cpu_samples=handle._cpu_samples,
+            cpu_period_ns=handle._period_ns,
+            heap_samples=handle._heap_samples,
+            heap_period_bytes=handle._heap_period,
             link=handle.link,
             attributes=handle.attributes,
         )

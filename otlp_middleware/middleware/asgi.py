@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from ._core import RequestHandle, RequestProfiler
+from ._core import RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
 Scope = MutableMapping[str, Any]
@@ -69,47 +69,51 @@ class ProfilingMiddleware:
             return
         profiler = self.profiler
         method = scope.get("method", "GET")
-        if not profiler.should_profile(method, scope.get("path", ""), headers=lambda: _headers(scope)):
+        sampled = profiler.should_profile(
+            method, scope.get("path", ""), headers=lambda: _headers(scope)
+        )
+        handle = profiler.begin(method, root_frame=sys._getframe()) if sampled else None
+        slot = profiler.open_slot(method, handle)
+        if slot is None:
             await self.app(scope, receive, send)
             return
-        handle = profiler.begin(method, root_frame=sys._getframe())
-        if handle is None:
-            await self.app(scope, receive, send)
-            return
-        token = profiler.enter_context(handle)
+        tokens = profiler.enter_slot(slot)
         try:
-            await self._call_profiled(handle, scope, receive, send)
+            await self._call_profiled(slot, scope, receive, send)
         finally:
-            profiler.exit_context(token)
+            profiler.exit_slot(tokens)
 
     async def _call_profiled(
-        self, handle: RequestHandle, scope: Scope, receive: Receive, send: Send
+        self, slot: RequestSlot, scope: Scope, receive: Receive, send: Send
     ) -> None:
         root_path = str(scope.get("root_path", ""))
 
         async def send_wrapper(message: Message) -> None:
             kind = message.get("type")
             if kind == "http.response.start":
-                handle.status_code = message.get("status")
+                slot.status_code = message.get("status")
             await send(message)
             if kind == "http.response.body" and not message.get("more_body", False):
                 # The response is complete: close now (background tasks are not the request).
-                _close(handle, scope, root_path)
+                _close(slot, scope, root_path)
 
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException as exc:
-            handle.set_error(exc)
-            if handle.status_code is None:
-                handle.status_code = 500
+            if slot.handle is not None:
+                slot.handle.set_error(exc)
+            if slot.status_code is None:
+                slot.status_code = 500
             raise
         finally:
-            _close(handle, scope, root_path)
+            _close(slot, scope, root_path)
 
 
-def _close(handle: RequestHandle, scope: Scope, root_path: str) -> None:
+def _close(slot: RequestSlot, scope: Scope, root_path: str) -> None:
+    if slot.handle is None:
+        return
     try:
-        handle.set_route(route_template(scope, root_path))
+        route = route_template(scope, root_path)
     except Exception:  # a route object we do not understand: no route attribute
-        pass
-    handle.finish()
+        route = None
+    slot.finish(route)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._core import RequestHandle, RequestProfiler
+from ._core import RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
 Environ = dict[str, Any]
@@ -53,55 +53,59 @@ class WSGIProfilingMiddleware:
         profiler = self.profiler
         method = str(environ.get("REQUEST_METHOD", "GET"))
         path = str(environ.get("PATH_INFO", ""))
-        if not profiler.should_profile(method, path, headers=lambda: _headers(environ)):
+        sampled = profiler.should_profile(method, path, headers=lambda: _headers(environ))
+        handle = profiler.begin(method) if sampled else None
+        slot = profiler.open_slot(method, handle)
+        if slot is None:
             return self.app(environ, start_response)
-        handle = profiler.begin(method)
-        if handle is None:
-            return self.app(environ, start_response)
-        token = profiler.enter_context(handle)
+        tokens = profiler.enter_slot(slot)
 
         def done() -> None:
-            handle.set_route(environ.get(ROUTE_ENVIRON_KEY))
-            handle.finish()
-            profiler.exit_context(token)
+            slot.finish(environ.get(ROUTE_ENVIRON_KEY))
+            profiler.exit_slot(tokens)
 
         def start_response_wrapper(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
             try:
-                handle.status_code = int(status.split(" ", 1)[0])
+                slot.status_code = int(status.split(" ", 1)[0])
             except ValueError:
                 pass
-            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+            if exc_info:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
 
         try:
             body = self.app(environ, start_response_wrapper)
         except BaseException as exc:
-            handle.set_error(exc)
-            if handle.status_code is None:
-                handle.status_code = 500
+            _failed(slot, exc)
             done()
             raise
-        return _ProfiledBody(body, handle, done)
+        return _ProfiledBody(body, slot, done)
+
+
+def _failed(slot: RequestSlot, exc: BaseException) -> None:
+    if slot.handle is not None:
+        slot.handle.set_error(exc)
+    if slot.status_code is None:
+        slot.status_code = 500
 
 
 class _ProfiledBody:
     """The app's response iterable, passed through; finishing the profile on ``close()``."""
 
-    __slots__ = ("_body", "_done", "_handle")
+    __slots__ = ("_body", "_done", "_slot")
 
-    def __init__(self, body: Iterable[bytes], handle: RequestHandle, done: Callable[[], None]):
+    def __init__(self, body: Iterable[bytes], slot: RequestSlot, done: Callable[[], None]):
         self._body = body
-        self._handle = handle
+        self._slot = slot
         self._done = done
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body
         except BaseException as exc:
-            self._handle.set_error(exc)
-            if self._handle.status_code is None:
-                self._handle.status_code = 500
+            _failed(self._slot, exc)
             raise
 
     def close(self) -> None:
