@@ -39,6 +39,7 @@ import collections
 import itertools
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_DEPTH = 128
 
 _HAS_SIGPROF = hasattr(signal, "SIGPROF") and hasattr(signal, "setitimer")
+_random = random.Random().random
 
 METHODS = ("auto", "native", "signal", "thread")
 NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
@@ -276,6 +278,7 @@ class Engine:
         self._open = 0
         self._timer_armed = False
         self._timer_period_ns = 0
+        self._timer_interval_ns = 0  # the (jittered) countdown armed last
         self._timer_remaining = 0.0
         self._handler_installed = False
         self._handler_checked = 0.0
@@ -701,7 +704,9 @@ class Engine:
     def _arm_timer(self, period_ns: int) -> None:
         interval = period_ns / 1e9
         first = self._timer_remaining if self._timer_remaining > 0 else interval
-        signal.setitimer(signal.ITIMER_PROF, min(first, interval), interval)
+        first = min(first, interval)
+        signal.setitimer(signal.ITIMER_PROF, first, interval)
+        self._timer_interval_ns = max(round(first * 1e9), period_ns)
         self._timer_armed = True
         self._timer_period_ns = period_ns
 
@@ -749,8 +754,21 @@ class Engine:
             # capped at the period (it may include time between requests). A tick earned by
             # other threads while the main thread idled weighs ~0 and is dropped.
             raw = clock.raw()
-            delta = min(raw - clock.tick_mark, self._timer_period_ns)
+            period = self._timer_period_ns
+            elapsed = raw - clock.tick_mark
             clock.tick_mark = raw
+            delta = min(elapsed, 2 * period)
+            if self._timer_armed:
+                # Jitter the next expiry (mean = the period) so sampling cannot phase-lock
+                # with periodic work and put every sample in the same function. CPU timers
+                # fire on the kernel's tick, so expiries come late; the lateness is taken off
+                # the next countdown to keep the mean rate at the configured frequency.
+                late = max(elapsed - self._timer_interval_ns, 0)
+                target = round(period * (0.5 + _random()))
+                self._timer_interval_ns = max(target - late, period // 10)
+                signal.setitimer(
+                    signal.ITIMER_PROF, self._timer_interval_ns / 1e9, period / 1e9
+                )
             if delta <= self._timer_period_ns // 50:
                 return
             self._dispatch(entry, frame, delta, delta, "signal")
