@@ -402,3 +402,27 @@ def test_sampler_thread_fallback_still_profiles(thread_method: str) -> None:
     assert stats.method == "thread" and set(stats.methods) == {"thread"}
     assert stats.sample_count >= 20
     assert "hot_function" in function_names(p.generate_profile())
+
+
+def burn_x() -> None:
+    t = time.thread_time_ns()
+    while time.thread_time_ns() - t < 5_000_000:
+        pass
+
+
+def burn_y() -> None:
+    t = time.thread_time_ns()
+    while time.thread_time_ns() - t < 5_000_000:
+        pass
+
+
+def test_periodic_work_does_not_alias_with_the_sampling_period(cpu_method: str) -> None:
+    """Two functions alternating 5 ms each (a 10 ms cycle, next to the 10.1 ms period):
+    a fixed-period sampler can phase-lock and put every sample in one of them."""
+    with CpuProfiler(CpuProfilerConfig(sampling_frequency=99, max_duration=None)) as p:
+        for _ in range(150):
+            burn_x()
+            burn_y()
+    profile = p.generate_profile()
+    x, y = value_in(profile, 1, "burn_x"), value_in(profile, 1, "burn_y")
+    assert 0.35 <= x / (x + y) <= 0.65, (x, y)
