@@ -16,6 +16,10 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+RUNNING: list[int] = []
+"""Process ids of the servers started by ``serve`` (the last one is the current server)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +45,7 @@ def serve(
         text=True,
     )
     base = f"http://127.0.0.1:{port}"
+    RUNNING.append(proc.pid)
     try:
         deadline = time.monotonic() + timeout
         while True:
