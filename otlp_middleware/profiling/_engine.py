@@ -544,7 +544,10 @@ class Engine:
             tid = scope.thread_id
             if scope.root_frame is not None:
                 self._register_root(tid, id(scope.root_frame), scope.root_frame)
-            if threading.get_ident() == tid:
+                # A root scope needs the thread armed, not a new thread token.
+                if tid not in self._thread_tokens and threading.get_ident() == tid:
+                    self._rearm_thread(tid)
+            elif threading.get_ident() == tid:
                 self._rearm_thread(tid)
         except RuntimeError as exc:  # e.g. the signal is taken by the application
             _decrement(periods, scope.period_ns)
@@ -595,7 +598,7 @@ class Engine:
         tid = scope.thread_id
         if root is not None:
             self._register_root(tid, id(root), root)
-        if threading.get_ident() == tid:
+        if threading.get_ident() == tid and (root is None or tid not in self._entries):
             self._rearm_thread(tid)
         _decrement(self._native_periods, scope.period_ns)
         if self._native_periods and 1e9 / min(self._native_periods) != self._native_hz:
