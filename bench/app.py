@@ -35,7 +35,13 @@ async def bare_app(scope: Any, receive: Any, send: Any) -> None:
                     return
         return
     handler_work()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"ok"})
 
 
@@ -43,10 +49,15 @@ MODE = os.environ.get("BENCH_MODE", "bare")
 if MODE == "bare":
     app: Any = bare_app
 elif MODE == "never":
-    app = ProfilingMiddleware(bare_app, sampler="never", output_dir=os.environ.get("BENCH_DIR", "profiles"))
+    app = ProfilingMiddleware(
+        bare_app, sampler="never", output_dir=os.environ.get("BENCH_DIR", "profiles")
+    )
 elif MODE == "always":
     app = ProfilingMiddleware(
-        bare_app, sampler="always", aggregate=True, output_dir=os.environ.get("BENCH_DIR", "profiles")
+        bare_app,
+        sampler="always",
+        aggregate=True,
+        output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
 elif MODE == "otlp":
     app = ProfilingMiddleware(bare_app, sampler="always", endpoint=os.environ["BENCH_ENDPOINT"])

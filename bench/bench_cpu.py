@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig  # noqa: E402
-from tests import workloads  # noqa: E402
+from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig
+from tests import workloads
 
 
 def work_units(seconds: float) -> float:
@@ -74,10 +74,9 @@ def main() -> None:
     print("(ratio = median over rounds of variant / bare in the same round)")
     for name in variants:
         med = statistics.median(results[name])
-        ratios = [v / b for v, b in zip(results[name], results["bare"])]
+        ratios = [v / b for v, b in zip(results[name], results["bare"], strict=True)]
         print(
-            f"  {name:>7}: {med:10.1f} units/CPU-s   ratio vs bare "
-            f"{statistics.median(ratios):.4f}"
+            f"  {name:>7}: {med:10.1f} units/CPU-s   ratio vs bare {statistics.median(ratios):.4f}"
         )
     share, rate = accuracy(2.0)
     print(

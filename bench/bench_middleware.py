@@ -37,9 +37,25 @@ def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen
     port = free_port()
     env = {**os.environ, "BENCH_MODE": mode, "PYTHONPATH": ROOT, **env_extra}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.app:app", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while True:
@@ -54,8 +70,16 @@ def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen
 
 def wrk(port: int, duration: float, connections: int) -> float:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not m:
@@ -122,19 +146,34 @@ def encoder_cost() -> tuple[float, float]:
     from otlp_middleware.types import CpuSample, ProfileRecord, SpanLink, new_profile_id
 
     rng = random.Random(1)
-    funcs = [FRAMES.intern(f"module.func_{i}", f"/app/mod{i % 7}.py", i * 10, i * 10 + 3) for i in range(40)]
+    funcs = [
+        FRAMES.intern(f"module.func_{i}", f"/app/mod{i % 7}.py", i * 10, i * 10 + 3)
+        for i in range(40)
+    ]
     records = []
     for r in range(512):
         samples = [
-            CpuSample(tuple(rng.choice(funcs) for _ in range(30)), 1, "MainThread", 10_101_010, 10_101_010, time.time_ns())
+            CpuSample(
+                tuple(rng.choice(funcs) for _ in range(30)),
+                1,
+                "MainThread",
+                10_101_010,
+                10_101_010,
+                time.time_ns(),
+            )
             for _ in range(2)
         ]
-        records.append(ProfileRecord(
-            profile_id=new_profile_id(), start_time_ns=time.time_ns(), duration_ns=5_000_000,
-            cpu_samples=samples, cpu_period_ns=10_101_010,
-            link=SpanLink(rng.randbytes(16), rng.randbytes(8)),
-            attributes={"http.route": f"/route/{r % 8}", "http.request.method": "GET"},
-        ))
+        records.append(
+            ProfileRecord(
+                profile_id=new_profile_id(),
+                start_time_ns=time.time_ns(),
+                duration_ns=5_000_000,
+                cpu_samples=samples,
+                cpu_period_ns=10_101_010,
+                link=SpanLink(rng.randbytes(16), rng.randbytes(8)),
+                attributes={"http.route": f"/route/{r % 8}", "http.request.method": "GET"},
+            )
+        )
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
@@ -172,22 +211,29 @@ def main() -> None:
             proc.terminate()
             proc.wait(20)
         receiver.stop()
-    print(f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
-          f"{args.rounds} alternating rounds")
+    print(
+        f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
+        f"{args.rounds} alternating rounds"
+    )
     print("(ratio = median over rounds of variant / bare in the same round)")
     for v in variants:
-        ratios = [a / b for a, b in zip(results[v], results["bare"])]
-        print(f"  {v:>7}: {statistics.median(results[v]):8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}")
+        ratios = [a / b for a, b in zip(results[v], results["bare"], strict=True)]
+        median = statistics.median(results[v])
+        print(f"  {v:>7}: {median:8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}")
     files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
     print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
     if "otlp" in variants:
         print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
     per_sample, per_batch = encoder_cost()
-    print(f"OTLP encoder: {per_sample:.1f} us per sample, {per_batch:.1f} ms per batch of 512 "
-          "request records (merged, 2 samples each, 30-frame stacks from 40 distinct functions)")
+    print(
+        f"OTLP encoder: {per_sample:.1f} us per sample, {per_batch:.1f} ms per batch of 512 "
+        "request records (merged, 2 samples each, 30-frame stacks from 40 distinct functions)"
+    )
     cost = request_path_cost()
-    print("Request-path cost added per request (in process, trivial app): "
-          + ", ".join(f"{k}: {v:.2f} us" for k, v in cost.items()))
+    print(
+        "Request-path cost added per request (in process, trivial app): "
+        + ", ".join(f"{k}: {v:.2f} us" for k, v in cost.items())
+    )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,20 @@ def main() -> int:
         "OTEL_SERVICE_NAME": "otlp-middleware-demo",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.demo_app:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "examples.demo_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -75,8 +86,10 @@ def main() -> int:
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(get, paths))
-        print(f"sent {len(codes)} requests in {time.monotonic() - started:.1f}s "
-              f"({codes.count(200)} OK)")
+        print(
+            f"sent {len(codes)} requests in {time.monotonic() - started:.1f}s "
+            f"({codes.count(200)} OK)"
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

@@ -107,7 +107,7 @@ def _apply(target: Any, options: RouteOptions) -> Any:
         dispatch = getattr(target, "dispatch", None)
         if dispatch is None:
             raise TypeError(f"{target!r}: a class needs a dispatch() method to be decorated")
-        target.dispatch = _wrap_function(dispatch, options)
+        setattr(target, "dispatch", _wrap_function(dispatch, options))  # noqa: B010
         return target
     if not callable(target):
         raise TypeError(f"{target!r} is not a view function or class")

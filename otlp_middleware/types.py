@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
-AttributeScalar = Union[str, bool, int, float, bytes]
+AttributeScalar = str | bool | int | float | bytes
 """A value of a profile or sample attribute."""
 
 

@@ -50,7 +50,9 @@ def serve(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
+                raise RuntimeError(
+                    f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}"
+                )
             try:
                 httpx.get(base + ready_path, timeout=1.0)
                 break

@@ -16,7 +16,6 @@ from otlp_middleware.errors import ConfigurationError, ProfilerStateError
 from otlp_middleware.pprof import Profile, read_profile, write_profile
 from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig, profile_async, profile_sync
 from otlp_middleware.profiling._engine import ENGINE
-from otlp_middleware.profiling._frames import FRAMES
 
 from . import workloads
 

@@ -46,8 +46,18 @@ def test_gunicorn_preload_workers_each_export_their_profiles(tmp_path: Any) -> N
     receiver = Receiver(host="127.0.0.1", port=0, output_dir=str(tmp_path), on_batch=on_batch)
     receiver.start()
     port = free_port()
-    argv = ["gunicorn", "tests.apps.wsgi_otlp_app:app", "--preload", "--workers", "2",
-            "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *_NO_CONTROL_SOCKET]
+    argv = [
+        "gunicorn",
+        "tests.apps.wsgi_otlp_app:app",
+        "--preload",
+        "--workers",
+        "2",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        *_NO_CONTROL_SOCKET,
+    ]
     worker_pids: set[int] = set()
     master_threads: list[int] = []
     try:

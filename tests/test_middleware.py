@@ -20,7 +20,7 @@ from otlp_middleware.export import BatchProcessor, ExportResult, FileExporter
 from otlp_middleware.middleware import ProfilingMiddleware, RequestProfiler, WSGIProfilingMiddleware
 from otlp_middleware.profiling import CpuProfilerConfig
 from otlp_middleware.profiling._engine import ENGINE
-from otlp_middleware.profiling.sampling import NeverSample, SamplingStrategy, SamplingStats
+from otlp_middleware.profiling.sampling import NeverSample, SamplingStats, SamplingStrategy
 from otlp_middleware.types import ProfileRecord
 
 from . import workloads
@@ -149,7 +149,10 @@ def test_asgi_exception_propagates_unchanged_and_profile_is_kept() -> None:
     assert info.value is error
     mw.profiler.shutdown(5)
     (record,) = exporter.records
-    assert record.attributes["error.type"] == "test_asgi_exception_propagates_unchanged_and_profile_is_kept.<locals>.Boom"
+    assert (
+        record.attributes["error.type"]
+        == "test_asgi_exception_propagates_unchanged_and_profile_is_kept.<locals>.Boom"
+    )
     assert record.attributes["http.response.status_code"] == 500
 
 
@@ -225,7 +228,9 @@ def test_failing_exporter_never_reaches_the_app(caplog: pytest.LogCaptureFixture
 
 def test_full_queue_drops_and_counts_without_blocking() -> None:
     exporter = BlockingExporter()
-    processor = BatchProcessor(exporter, max_queue_size=2, max_export_batch_size=1, schedule_delay=0.01)
+    processor = BatchProcessor(
+        exporter, max_queue_size=2, max_export_batch_size=1, schedule_delay=0.01
+    )
     profiler = RequestProfiler(sampler=_always(), processor=processor, cpu=CpuProfilerConfig())
     mw = ProfilingMiddleware(cpu_app, profiler=profiler)
     started = time.monotonic()
@@ -361,6 +366,11 @@ def test_file_exporter_per_request_and_aggregate(tmp_path: Any) -> None:
     (name,) = os.listdir(tmp_path / "agg")
     profile = read_profile(tmp_path / "agg" / name)
     st = profile.string_table
-    assert f"requests=4" in [st[c] for c in profile.comment]
-    methods = {st[lab.str] for s in profile.sample for lab in s.label if st[lab.key] == "http.request.method"}
+    assert "requests=4" in [st[c] for c in profile.comment]
+    methods = {
+        st[lab.str]
+        for s in profile.sample
+        for lab in s.label
+        if st[lab.key] == "http.request.method"
+    }
     assert methods == {"GET"}

@@ -87,7 +87,10 @@ def test_wsgi_memory_setting_writes_heap_pprof_files(tmp_path: Any) -> None:
     profile = read_profile(tmp_path / heap_files[0])
     st = profile.string_table
     assert [st[t.type] for t in profile.sample_type] == [
-        "alloc_objects", "alloc_space", "inuse_objects", "inuse_space"
+        "alloc_objects",
+        "alloc_space",
+        "inuse_objects",
+        "inuse_space",
     ]
     assert (st[profile.period_type.type], profile.period) == ("space", 128 * 1024)
     assert "allocate_for_alpha" in {st[f.name] for f in profile.function}

@@ -68,7 +68,9 @@ def send_concurrently(base: str, paths: list[str], workers: int = 8) -> dict[str
     return sent
 
 
-def check_profiles(profiles: dict[str, Profile], sent: dict[str, str], expect: dict[str, str]) -> set[str]:
+def check_profiles(
+    profiles: dict[str, Profile], sent: dict[str, str], expect: dict[str, str]
+) -> set[str]:
     """Each profile: one trace we sent, only its endpoint's function. Returns routes seen."""
     routes = set()
     for name, p in profiles.items():
@@ -91,13 +93,28 @@ def test_uvicorn_concurrent_requests_stay_separate(tmp_path: object) -> None:
     out = str(tmp_path)
     port = free_port()
     paths = ["/alpha/1?ms=20", "/beta?ms=20", "/gamma?ms=20", "/delta?ms=20"] * 12
-    argv = ["uvicorn", "tests.apps.asgi_app:app", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--log-level", "warning"]
+    argv = [
+        "uvicorn",
+        "tests.apps.asgi_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     with serve(argv, port, {"TEST_OUTPUT_DIR": out}, ready_path="/health"):
         sent = send_concurrently(f"http://127.0.0.1:{port}", paths)
     profiles = load_profiles(out)
     assert len(profiles) >= len(paths) // 2, "most 20 ms requests at 99 Hz yield samples"
-    expect = {"/alpha": "alpha_work", "/beta": "beta_work", "/gamma": "gamma_work", "/delta": "delta_work"}
+    expect = {
+        "/alpha": "alpha_work",
+        "/beta": "beta_work",
+        "/gamma": "gamma_work",
+        "/delta": "delta_work",
+    }
     routes = check_profiles(profiles, sent, expect)
     assert {"/alpha/{item}", "/beta", "/gamma", "/delta"} <= routes
     # `def` endpoints (thread pool) and asyncio.to_thread work are attributed to their request.
@@ -112,8 +129,16 @@ def test_uvicorn_concurrent_requests_stay_separate(tmp_path: object) -> None:
 def test_uvicorn_errors_and_streaming(tmp_path: object) -> None:
     out = str(tmp_path)
     port = free_port()
-    argv = ["uvicorn", "tests.apps.asgi_app:app", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "critical"]
+    argv = [
+        "uvicorn",
+        "tests.apps.asgi_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "critical",
+    ]
     with serve(argv, port, {"TEST_OUTPUT_DIR": out}, ready_path="/health") as base:
         for _ in range(5):
             with httpx.stream("GET", base + "/stream", timeout=10) as r:
@@ -137,9 +162,20 @@ def test_uvicorn_errors_and_streaming(tmp_path: object) -> None:
 def test_gunicorn_gthread_concurrent_requests_stay_separate(tmp_path: object) -> None:
     out = str(tmp_path)
     port = free_port()
-    argv = ["gunicorn", "tests.apps.wsgi_app:app", "--bind", f"127.0.0.1:{port}",
-            "--worker-class", "gthread", "--threads", "4", "--workers", "1",
-            "--log-level", "warning"]
+    argv = [
+        "gunicorn",
+        "tests.apps.wsgi_app:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "4",
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     paths = ["/red/1", "/blue"] * 20
     with serve(argv, port, {"TEST_OUTPUT_DIR": out}, ready_path="/nope") as base:
         sent = send_concurrently(base, paths)
@@ -147,9 +183,14 @@ def test_gunicorn_gthread_concurrent_requests_stay_separate(tmp_path: object) ->
             assert b"".join(r.iter_raw()).count(b"part") == 5
     profiles = load_profiles(out)
     assert len(profiles) >= len(paths) // 2
-    stream_profiles = {n: p for n, p in profiles.items() if comments(p).get("http.route") == "/stream"}
+    stream_profiles = {
+        n: p for n, p in profiles.items() if comments(p).get("http.route") == "/stream"
+    }
     request_profiles = {n: p for n, p in profiles.items() if n not in stream_profiles}
     routes = check_profiles(request_profiles, sent, {"/red": "red_work", "/blue": "blue_work"})
     assert routes == {"/red/<id>", "/blue"}
-    statuses = {comments(p)["http.route"]: comments(p)["http.response.status_code"] for p in request_profiles.values()}
+    statuses = {
+        comments(p)["http.route"]: comments(p)["http.response.status_code"]
+        for p in request_profiles.values()
+    }
     assert statuses == {"/red/<id>": "200", "/blue": "201"}

@@ -1,7 +1,7 @@
 """Where profiles go: the batching queue, pprof files, and OTLP over HTTP."""
 
-from ._base import ExportResult as ExportResult
 from ._base import Exporter as Exporter
+from ._base import ExportResult as ExportResult
 from ._batch import BatchProcessor as BatchProcessor
 from ._batch import BatchStats as BatchStats
 from ._file import FileExporter as FileExporter

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..types import ProfileRecord
-from ._base import ExportResult, Exporter
+from ._base import Exporter, ExportResult
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class BatchProcessor:
         while self._queue:
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            batch = []
+            batch: list[ProfileRecord] = []
             while self._queue and len(batch) < self.max_export_batch_size:
                 batch.append(self._queue.popleft())
             self._export(batch)

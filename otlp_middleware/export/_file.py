@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -84,7 +85,8 @@ class FileExporter:
     def _write_record(self, r: ProfileRecord) -> None:
         method = str(r.attributes.get("http.request.method", "")) or "request"
         route = str(r.attributes.get("http.route", "")) or "unknown"
-        base = f"{_stamp(r.start_time_ns)}_{_safe(method, 10)}_{_safe(route)}_{r.profile_id.hex()[:16]}"
+        stamp = _stamp(r.start_time_ns)
+        base = f"{stamp}_{_safe(method, 10)}_{_safe(route)}_{r.profile_id.hex()[:16]}"
         for kind, profile in record_profiles(r).items():
             self._write(profile, f"{base}.{kind}.pb.gz")
 
@@ -101,7 +103,11 @@ class FileExporter:
         if self.max_files is None:
             return
         try:
-            names = [n for n in os.listdir(self.directory) if n.endswith(".pb.gz") and not n.startswith(".")]
+            names = [
+                n
+                for n in os.listdir(self.directory)
+                if n.endswith(".pb.gz") and not n.startswith(".")
+            ]
         except FileNotFoundError:
             return
         excess = len(names) - self.max_files
@@ -109,10 +115,8 @@ class FileExporter:
             return
         # Names start with a UTC timestamp, so name order is age order.
         for n in sorted(names)[:excess]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, n))
-            except FileNotFoundError:
-                pass
 
     def shutdown(self, timeout: float = 10.0) -> None:
         return None

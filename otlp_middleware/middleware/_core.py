@@ -16,6 +16,7 @@ counted in ``stats()``, and the request goes on as if unprofiled.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fnmatch
 import logging
@@ -376,10 +377,9 @@ class RequestProfiler:
         req, cpu = tokens
         self.exit_context(cpu)
         if req is not None:
-            try:
+            # reset from another context: nothing of ours to undo there
+            with contextlib.suppress(ValueError):
                 CURRENT_REQUEST.reset(req)
-            except ValueError:
-                pass
 
     def enter_context(self, handle: RequestHandle) -> contextvars.Token[Scope | None] | None:
         """Make ``handle``'s CPU scope the current one, so offloaded work is attributed."""
@@ -390,10 +390,8 @@ class RequestProfiler:
     @staticmethod
     def exit_context(token: contextvars.Token[Scope | None] | None) -> None:
         if token is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 _offload.CURRENT_SCOPE.reset(token)
-            except ValueError:  # reset from another context: nothing of ours to undo there
-                pass
 
     def _close_scopes(self, handle: RequestHandle) -> None:
         if handle._closed:
@@ -450,5 +448,3 @@ class RequestProfiler:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         self.processor.shutdown(timeout)
-
-

@@ -8,6 +8,7 @@ chunk, so streaming responses stay streaming.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -67,10 +68,8 @@ class WSGIProfilingMiddleware:
         def start_response_wrapper(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            try:
+            with contextlib.suppress(ValueError):
                 slot.status_code = int(status.split(" ", 1)[0])
-            except ValueError:
-                pass
             if exc_info:
                 return start_response(status, headers, exc_info)
             return start_response(status, headers)

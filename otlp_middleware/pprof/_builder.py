@@ -9,13 +9,12 @@ Go runtime conventions that ``go tool pprof`` and other readers expect (see REFE
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 
 from .._frames import FRAMES, FrameTable
 from ..types import CpuSample, HeapSample
 from .profile_pb2 import Function, Label, Line, Location, Profile, Sample, ValueType
 
-LabelValue = Union[str, int]
+LabelValue = str | int
 
 CPU_SAMPLE_TYPES = (("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds"))
 HEAP_SAMPLE_TYPES = (
@@ -50,7 +49,9 @@ class PprofBuilder:
         self._strings: dict[str, int] = {}
         self.string("")
         for type_, unit in sample_types:
-            self._profile.sample_type.append(ValueType(type=self.string(type_), unit=self.string(unit)))
+            self._profile.sample_type.append(
+                ValueType(type=self.string(type_), unit=self.string(unit))
+            )
         self._profile.period_type.CopyFrom(
             ValueType(type=self.string(period_type[0]), unit=self.string(period_type[1]))
         )
@@ -62,7 +63,9 @@ class PprofBuilder:
         self._locations_by_frame: dict[int, int] = {}
         self._locations_by_content: dict[tuple[int, int], int] = {}
         # (location ids, sorted label items) -> accumulated values
-        self._samples: dict[tuple[tuple[int, ...], tuple[tuple[str, LabelValue], ...]], list[int]] = {}
+        self._samples: dict[
+            tuple[tuple[int, ...], tuple[tuple[str, LabelValue], ...]], list[int]
+        ] = {}
 
     def string(self, s: str) -> int:
         idx = self._strings.get(s)
@@ -162,7 +165,11 @@ def cpu_profile(
     ``labels`` (e.g. trace_id, span_id, http.route); ``attributes`` become comments.
     """
     b = PprofBuilder(
-        CPU_SAMPLE_TYPES, ("cpu", "nanoseconds"), period_ns, frames=frames, default_sample_type="cpu"
+        CPU_SAMPLE_TYPES,
+        ("cpu", "nanoseconds"),
+        period_ns,
+        frames=frames,
+        default_sample_type="cpu",
     )
     extra = dict(labels or {})
     for s in samples:

@@ -36,7 +36,8 @@ def _comments(b: PprofBuilder, record: ProfileRecord) -> None:
         b.comment(f"trace_id={record.link.trace_id_hex}")
         b.comment(f"span_id={record.link.span_id_hex}")
     for key, value in record.attributes.items():
-        b.comment(f"{key}={value}")
+        text = value.hex() if isinstance(value, bytes) else value
+        b.comment(f"{key}={text}")
 
 
 def _add_cpu(b: PprofBuilder, record: ProfileRecord, labels: Mapping[str, LabelValue]) -> None:

@@ -1,6 +1,7 @@
 """Profilers and sampling strategies.
 
-    from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig, profile_async, profile_sync
+    from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig, profile_async
+    from otlp_middleware.profiling import profile_sync
     from otlp_middleware.profiling import MemoryProfiler, MemoryProfilerConfig
 
 The exporter-side names of the seed API (``ProfileExporter``, ``ProfileExporterConfig``,

@@ -68,7 +68,7 @@ COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scope
 def _load_native() -> Any:
     """The native sampler module, or None where it was not built or cannot load."""
     try:
-        from . import _cpu_native  # type: ignore[attr-defined]
+        from . import _cpu_native
     except ImportError as exc:
         logger.debug("otlp_middleware: native CPU sampler unavailable: %s", exc)
         return None
@@ -119,18 +119,18 @@ class Scope:
     __slots__ = (
         "__weakref__",
         "closed_ns",
-        "native_tier",
-        "signal_tier",
-        "swept",
         "deadline_ns",
         "include_system_calls",
         "max_depth",
         "methods",
+        "native_tier",
         "opened_mono_ns",
         "opened_ns",
         "period_ns",
         "root_frame",
         "samples",
+        "signal_tier",
+        "swept",
         "thread_id",
     )
 
@@ -769,9 +769,7 @@ class Engine:
                 late = max(elapsed - self._timer_interval_ns, 0)
                 target = round(period * (0.5 + _random()))
                 self._timer_interval_ns = max(target - late, period // 10)
-                signal.setitimer(
-                    signal.ITIMER_PROF, self._timer_interval_ns / 1e9, period / 1e9
-                )
+                signal.setitimer(signal.ITIMER_PROF, self._timer_interval_ns / 1e9, period / 1e9)
             if delta <= self._timer_period_ns // 50:
                 return
             self._dispatch(entry, frame, delta, delta, "signal")

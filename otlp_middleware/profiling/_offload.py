@@ -72,7 +72,7 @@ def _wrap_anyio() -> None:
         return await original(func, *args, **kwargs)
 
     run_sync.__otlp_middleware__ = True  # type: ignore[attr-defined]
-    anyio.to_thread.run_sync = run_sync
+    setattr(anyio.to_thread, "run_sync", run_sync)  # noqa: B010
 
 
 def _wrap_asyncio() -> None:
@@ -91,7 +91,7 @@ def _wrap_asyncio() -> None:
         return original(self, executor, func, *args)
 
     run_in_executor.__otlp_middleware__ = True  # type: ignore[attr-defined]
-    cls.run_in_executor = run_in_executor  # type: ignore[method-assign]
+    setattr(cls, "run_in_executor", run_in_executor)  # noqa: B010
 
 
 def install() -> None:

@@ -207,7 +207,12 @@ class CpuProfiler:
         scope = self._scope
         if scope is None:
             return CpuProfilerStats(
-                0, 0.0, 0.0, self.config.sampling_frequency, {}, ENGINE.method_for(threading.get_ident())
+                0,
+                0.0,
+                0.0,
+                self.config.sampling_frequency,
+                {},
+                ENGINE.method_for(threading.get_ident()),
             )
         samples = list(scope.samples)
         return CpuProfilerStats(
@@ -277,7 +282,7 @@ async def profile_async(
         result, profile = await profile_async(expensive_computation(), CpuProfilerConfig())
     """
     wrapper = _await(aw)
-    root = wrapper.cr_frame
+    root: FrameType = wrapper.cr_frame  # type: ignore[attr-defined]
     profiler = CpuProfiler(config)
     profiler.start(root_frame=root)
     try:
