@@ -440,10 +440,20 @@ def test_decide_inspects_each_class_once(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_decide_calls_an_uninspectable_should_sample_without_the_request() -> None:
-    class Builtin(EveryOther):
-        should_sample = bool  # a C callable: no signature to inspect, so no argument
+    class Uninspectable:
+        """A callable whose signature cannot be read (like some C callables)."""
 
-    assert decide(Builtin(), GET_ROOT) is False
+        @property
+        def __signature__(self) -> inspect.Signature:
+            raise ValueError("no signature")
+
+        def __call__(self, *args: object) -> bool:
+            return not args  # True only when called without the request
+
+    class Opaque(EveryOther):
+        should_sample = Uninspectable()  # type: ignore[assignment]
+
+    assert decide(Opaque(), GET_ROOT) is True
 
 
 def test_an_abstract_method_left_out_is_an_error() -> None:
