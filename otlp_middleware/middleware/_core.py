@@ -31,7 +31,8 @@ from opentelemetry import trace
 
 from ..export._batch import BatchProcessor
 from ..profiling import _offload
-from ..profiling._engine import ENGINE, RateLimitedLog, Scope
+from ..profiling._engine import ENGINE
+from ..profiling._scope import RateLimitedLog, Scope
 from ..profiling.cpu import CpuProfilerConfig
 from ..profiling.sampling import RequestInfo, SamplingStrategy, decide
 from ..types import AttributeScalar, ProfileRecord, SpanLink, new_profile_id

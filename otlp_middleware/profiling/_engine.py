@@ -35,8 +35,6 @@ starts with a clean engine (``os.register_at_fork``).
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import os
 import random
@@ -47,32 +45,28 @@ import time
 import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from ..config import OTLP_MIDDLEWARE_CPU_SAMPLER
 from ..types import CpuSample
-from ._frames import FRAMES, capture_stack, truncate, truncated_marker
+from ._frames import capture_stack
+from ._native_tier import NativeTier, load_native
+from ._scope import (
+    DEFAULT_MAX_DEPTH,
+    RateLimitedLog,
+    Scope,
+    ThreadClock,
+    ThreadEntry,
+    decrement,
+    thread_cpu_clock,
+)
+from ._workers import Sweeper
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_DEPTH = 128
 
 _HAS_SIGPROF = hasattr(signal, "SIGPROF") and hasattr(signal, "setitimer")
 _random = random.Random().random
 
 METHODS = ("auto", "native", "signal", "thread")
-NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
-COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
-
-
-def _load_native() -> Any:
-    """The native sampler module, or None where it was not built or cannot load."""
-    try:
-        from . import _cpu_native
-    except ImportError as exc:
-        logger.debug("otlp_middleware: native CPU sampler unavailable: %s", exc)
-        return None
-    return _cpu_native
 
 
 def _method_from_environ() -> str:
@@ -88,175 +82,18 @@ def _method_from_environ() -> str:
     return value
 
 
-class RateLimitedLog:
-    """Log a repeated failure at most once per ``interval`` seconds, with a count."""
-
-    def __init__(self, log: logging.Logger, interval: float = 60.0) -> None:
-        self._log = log
-        self._interval = interval
-        self._last = -interval
-        self.count = 0
-
-    def exception(self, msg: str, *args: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            self._log.warning(msg + " (%d so far)", *args, self.count, exc_info=True)
-
-
-_errors = RateLimitedLog(logger)
-
-
-class Scope:
-    """One open profiling scope and the samples it collected.
-
-    Created by ``ENGINE.open_thread_scope`` / ``ENGINE.open_frame_scope``; closed with
-    ``ENGINE.close(scope)``. ``samples`` is a deque appended from the sampling tiers (an
-    atomic operation, safe from a signal handler).
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "closed_ns",
-        "deadline_ns",
-        "include_system_calls",
-        "max_depth",
-        "methods",
-        "native_tier",
-        "opened_mono_ns",
-        "opened_ns",
-        "period_ns",
-        "root_frame",
-        "samples",
-        "signal_tier",
-        "swept",
-        "thread_id",
-    )
-
-    def __init__(
-        self,
-        *,
-        thread_id: int,
-        root_frame: FrameType | None,
-        period_ns: int,
-        include_system_calls: bool,
-        max_duration_ns: int | None,
-        max_depth: int,
-    ) -> None:
-        self.thread_id = thread_id
-        self.root_frame = root_frame
-        self.period_ns = period_ns
-        self.include_system_calls = include_system_calls
-        self.max_depth = max_depth
-        self.samples: collections.deque[CpuSample] = collections.deque()
-        self.methods: dict[str, int] = {}
-        self.opened_ns = time.time_ns()
-        self.opened_mono_ns = time.monotonic_ns()
-        self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
-        self.closed_ns: int | None = None
-        self.native_tier = False  # sampled by the native tier (set by the engine)
-        self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
-        self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
-
-    def record(self, sample: CpuSample, method: str) -> None:
-        if self.closed_ns is not None:
-            return
-        if self.deadline_ns is not None and time.monotonic_ns() > self.deadline_ns:
-            return
-        self.samples.append(sample)
-        self.methods[method] = self.methods.get(method, 0) + 1
-
-    @property
-    def duration_ns(self) -> int:
-        end = self.closed_ns if self.closed_ns is not None else time.time_ns()
-        d = end - self.opened_ns
-        if self.deadline_ns is not None:
-            d = min(d, self.deadline_ns - self.opened_mono_ns)
-        return max(d, 0)
-
-
-class _ThreadClock:
-    """A thread's CPU clock counted only while the thread is inside a scope."""
-
-    __slots__ = ("acc", "clock", "last_mark", "open_since", "raw_wall_mark", "tick_mark")
-
-    def __init__(self, clock: int | None) -> None:
-        self.clock = clock
-        self.acc = 0
-        self.open_since: int | None = None
-        self.last_mark = 0
-        self.raw_wall_mark = 0  # raw CPU reading at the previous off-CPU check
-        self.tick_mark = 0  # raw CPU reading at the previous SIGPROF tick
-
-    def raw(self) -> int:
-        if self.clock is None:
-            return 0
-        try:
-            return time.clock_gettime_ns(self.clock)
-        except OSError:  # the thread is gone
-            return 0
-
-    def start(self) -> None:
-        self.open_since = self.raw()
-
-    def stop(self) -> None:
-        if self.open_since is not None:
-            self.acc += max(self.raw() - self.open_since, 0)
-            self.open_since = None
-
-    def take_delta(self) -> int:
-        now = self.acc
-        if self.open_since is not None:
-            now += max(self.raw() - self.open_since, 0)
-        delta = now - self.last_mark
-        self.last_mark = now
-        return delta
-
-
-class _ThreadEntry:
-    """Immutable snapshot of what is open on one thread (replaced, never mutated)."""
-
-    __slots__ = ("name", "roots", "thread_scopes", "tid")
-
-    def __init__(
-        self,
-        tid: int,
-        name: str,
-        thread_scopes: tuple[Scope, ...],
-        roots: dict[int, tuple[Scope, ...]],
-    ) -> None:
-        self.tid = tid
-        self.name = name
-        self.thread_scopes = thread_scopes
-        self.roots = roots
-
-    @property
-    def scopes(self) -> tuple[Scope, ...]:
-        out = self.thread_scopes
-        for group in self.roots.values():
-            out += group
-        return out
-
-
-def _thread_cpu_clock() -> int | None:
-    try:
-        return time.pthread_getcpuclockid(threading.get_ident())
-    except (AttributeError, OSError):
-        return None
-
-
-class Engine:
+class Engine(NativeTier):
     """Owns every open scope and the tiers that sample them. One per process: ``ENGINE``."""
 
     def __init__(self) -> None:
         self._method = _method_from_environ()
-        self._native_module = _load_native()
+        self._native_module = load_native()
         if self._method == "native" and self._native_module is None:
             logger.warning(
                 "otlp_middleware: %s=native but the native sampler is not built; falling back",
                 OTLP_MIDDLEWARE_CPU_SAMPLER,
             )
+        self.errors = RateLimitedLog(logger)
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):
@@ -271,9 +108,9 @@ class Engine:
 
     def _init_state(self) -> None:
         self._lock = threading.Lock()
-        # tid -> _ThreadEntry; replaced wholesale under _lock, read lock-free by the tiers.
-        self._entries: dict[int, _ThreadEntry] = {}
-        self._clocks: dict[int, _ThreadClock] = {}
+        # tid -> ThreadEntry; replaced wholesale under _lock, read lock-free by the tiers.
+        self._entries: dict[int, ThreadEntry] = {}
+        self._clocks: dict[int, ThreadClock] = {}
         self._main_tid = threading.main_thread().ident
         self._open = 0
         self._timer_armed = False
@@ -286,17 +123,8 @@ class Engine:
         self._sweep_periods: dict[int, int] = {}
         self._signal_refused: str | None = None
         self._in_handler = False
-        self._sweeper: _Sweeper | None = None
-        # --- native tier
-        self._native: Any = self._native_module if self._method in ("auto", "native") else None
-        self._native_periods: dict[int, int] = {}
-        self._native_hz = 0.0
-        self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
-        self._retired_tokens: list[int] = []
-        self._thread_tokens: dict[int, int] = {}  # tid -> current token of its thread scopes
-        self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
-        self._token_counter = itertools.count(1)
-        self._collector: _Collector | None = None
+        self._sweeper: Sweeper | None = None
+        self.init_native_state(self._native_module if self._method in ("auto", "native") else None)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -411,13 +239,13 @@ class Engine:
             entries = self._entries
             old = entries.get(tid)
             if old is None:
-                entry = _ThreadEntry(tid, threading.current_thread().name, (), {})
+                entry = ThreadEntry(tid, threading.current_thread().name, (), {})
                 if tid != self._main_tid or tid not in self._clocks:
                     # A fresh clock: thread idents are reused after a thread ends, and a
                     # reused ident must not inherit a dead thread's CPU clock.
-                    self._clocks[tid] = _ThreadClock(_thread_cpu_clock())
+                    self._clocks[tid] = ThreadClock(thread_cpu_clock())
             else:
-                entry = _ThreadEntry(tid, old.name, old.thread_scopes, old.roots)
+                entry = ThreadEntry(tid, old.name, old.thread_scopes, old.roots)
             if scope.root_frame is None:
                 entry.thread_scopes = (*entry.thread_scopes, scope)
             else:
@@ -465,7 +293,7 @@ class Engine:
         scope.root_frame = None  # do not keep the coroutine's frame alive
         entries = self._entries.copy()
         if thread_scopes or roots:
-            entries[tid] = _ThreadEntry(tid, old.name, thread_scopes, roots)
+            entries[tid] = ThreadEntry(tid, old.name, thread_scopes, roots)
         else:
             del entries[tid]
             if tid == self._main_tid:
@@ -522,128 +350,15 @@ class Engine:
         periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
         period = min(periods)
         if self._sweeper is None:
-            self._sweeper = _Sweeper(self, period)
+            self._sweeper = Sweeper(self, period)
             self._sweeper.start()
         else:
             self._sweeper.period_ns = period
 
-    # ------------------------------------------------------------------ native tier
-    def _assign_native(self, scope: Scope) -> bool:
-        """Register ``scope`` with the native sampler; False if it cannot take it."""
-        native = self._native
-        periods = self._native_periods
-        periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
-        hz = 1e9 / min(periods)
-        try:
-            if not native.is_started():
-                native.start(hz, NATIVE_CAPACITY)
-                self._native_hz = hz
-            elif hz != self._native_hz:
-                native.set_frequency(hz)
-                self._native_hz = hz
-            tid = scope.thread_id
-            if scope.root_frame is not None:
-                self._register_root(tid, id(scope.root_frame), scope.root_frame)
-                # A root scope needs the thread armed, not a new thread token.
-                if tid not in self._thread_tokens and threading.get_ident() == tid:
-                    self._rearm_thread(tid)
-            elif threading.get_ident() == tid:
-                self._rearm_thread(tid)
-        except RuntimeError as exc:  # e.g. the signal is taken by the application
-            _decrement(periods, scope.period_ns)
-            logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
-            self._native = None
-            return False
-        if self._collector is None:
-            self._collector = _Collector(self)
-        self._collector.wake()
-        return True
-
-    def _new_token(self, tid: int, scopes: tuple[Scope, ...]) -> int:
-        token = next(self._token_counter)
-        entry = self._entries.get(tid)
-        self._tokens[token] = (tid, entry.name if entry else "", scopes)
-        return token
-
-    def _retire(self, token: int | None) -> None:
-        # Samples already in the ring may carry the old token: forget it after the next drain.
-        if token is not None:
-            self._retired_tokens.append(token)
-
-    def _rearm_thread(self, tid: int) -> None:
-        entry = self._entries.get(tid)
-        if entry is None:
-            self._native.disarm_thread()
-            self._retire(self._thread_tokens.pop(tid, None))
-            return
-        token = self._new_token(tid, entry.thread_scopes)
-        self._native.arm_thread(token)
-        self._retire(self._thread_tokens.get(tid))
-        self._thread_tokens[tid] = token
-
-    def _register_root(self, tid: int, key: int, frame: FrameType | None) -> None:
-        entry = self._entries.get(tid)
-        group = entry.roots.get(key, ()) if entry is not None else ()
-        old = self._root_tokens.pop(key, None)
-        if group:
-            token = self._new_token(tid, group)
-            self._native.add_root(frame if frame is not None else group[0].root_frame, token)
-            self._root_tokens[key] = token
-        elif frame is not None:
-            self._native.remove_root(frame)
-        self._retire(old)
-
-    def _release_native(self, scope: Scope, root: FrameType | None) -> None:
-        self.collect()  # take the closing scope's samples while its tokens are known
-        tid = scope.thread_id
-        if root is not None:
-            self._register_root(tid, id(root), root)
-        if threading.get_ident() == tid and (root is None or tid not in self._entries):
-            self._rearm_thread(tid)
-        _decrement(self._native_periods, scope.period_ns)
-        if self._native_periods and 1e9 / min(self._native_periods) != self._native_hz:
-            self._native_hz = 1e9 / min(self._native_periods)
-            self._native.set_frequency(self._native_hz)
-
-    def collect(self) -> None:
-        """Move the native sampler's recorded samples into their scopes (needs the GIL)."""
-        native = self._native
-        if native is None or not native.is_started():
-            return
-        samples = native.drain()
-        if samples:
-            tokens = self._tokens
-            intern = FRAMES.intern
-            max_native_depth = native.MAX_DEPTH
-            for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
-                owner = tokens.get(thread_token)
-                groups = [owner] if owner is not None and owner[2] else []
-                for rt in root_tokens:
-                    g = tokens.get(rt)
-                    if g is not None:
-                        groups.append(g)
-                if not groups:
-                    continue
-                stack = tuple(intern(n, f, first, line) for n, f, first, line in frames)
-                if len(stack) >= max_native_depth:
-                    stack += (truncated_marker(1),)
-                tid, name = groups[0][0], groups[0][1]
-                sample = CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts)
-                for _, _, scopes in groups:
-                    for s in scopes:
-                        if len(stack) > s.max_depth:
-                            s.record(sample._replace(stack=truncate(stack, s.max_depth)), "native")
-                        else:
-                            s.record(sample, "native")
-        if self._retired_tokens:
-            retired, self._retired_tokens = self._retired_tokens, []
-            for token in retired:
-                self._tokens.pop(token, None)
-
     def _release_tier(self, scope: Scope) -> None:
         if scope.signal_tier:
             periods = self._signal_periods
-            _decrement(periods, scope.period_ns)
+            decrement(periods, scope.period_ns)
             if not periods:
                 if self._timer_armed:
                     self._disarm_timer()
@@ -651,7 +366,7 @@ class Engine:
                 self._arm_timer(min(periods))
         if scope.swept:
             periods = self._sweep_periods
-            _decrement(periods, scope.period_ns)
+            decrement(periods, scope.period_ns)
             if not periods:
                 if self._sweeper is not None:
                     self._sweeper.stop()
@@ -774,12 +489,12 @@ class Engine:
                 return
             self._dispatch(entry, frame, delta, delta, "signal")
         except Exception:
-            _errors.exception("otlp_middleware: sampling failed in the SIGPROF handler")
+            self.errors.exception("otlp_middleware: sampling failed in the SIGPROF handler")
         finally:
             self._in_handler = False
 
     def _dispatch(
-        self, entry: _ThreadEntry, frame: FrameType, cpu_ns: int, wall_ns: int, method: str
+        self, entry: ThreadEntry, frame: FrameType, cpu_ns: int, wall_ns: int, method: str
     ) -> None:
         scopes_by_root = entry.roots
         depth = max(s.max_depth for s in entry.scopes)
@@ -821,7 +536,7 @@ class Engine:
 
     def _dispatch_to(
         self,
-        entry: _ThreadEntry,
+        entry: ThreadEntry,
         frame: FrameType,
         cpu_ns: int,
         wall_ns: int,
@@ -853,97 +568,6 @@ class Engine:
         self._handler_installed = _HAS_SIGPROF and signal.getsignal(signal.SIGPROF) == getattr(
             self, "_on_sigprof", None
         )
-
-
-class _Sweeper:
-    """The sampler thread: wakes every period while it is needed, never otherwise."""
-
-    def __init__(self, engine: Engine, period_ns: int) -> None:
-        self._engine = engine
-        self.period_ns = period_ns
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="otlp-middleware-sampler", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
-
-    def forget(self) -> None:
-        """After fork: the thread does not exist in the child; nothing to join."""
-        self._stop.set()
-
-    def _run(self) -> None:
-        own = threading.get_ident()
-        last = time.monotonic_ns()
-        while not self._stop.wait(self.period_ns / 1e9):
-            now = time.monotonic_ns()
-            try:
-                self._engine._sweep(own, now - last)
-            except Exception:
-                _errors.exception("otlp_middleware: the sampler thread failed")
-            last = now
-
-
-def _decrement(counts: dict[int, int], key: int) -> None:
-    left = counts.get(key, 0) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
-
-
-class _Collector:
-    """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
-
-    One thread, created with the first native scope. While no native scope is open it blocks
-    on an event (no wake-ups); closing scopes drain the ring themselves, so short requests
-    never wait for it.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._active = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name="otlp-middleware-collector", daemon=True
-        )
-        self._thread.start()
-
-    def wake(self) -> None:
-        if not self._active.is_set():
-            self._active.set()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._active.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=1.0)
-
-    def forget(self) -> None:
-        self._stopped = True
-
-    def _run(self) -> None:
-        engine = self._engine
-        while True:
-            self._active.wait()
-            if self._stopped:
-                return
-            time.sleep(COLLECT_INTERVAL)
-            if self._stopped:
-                return
-            with engine._lock:
-                try:
-                    engine.collect()
-                except Exception:
-                    _errors.exception("otlp_middleware: draining native samples failed")
-                if not engine._native_periods:
-                    self._active.clear()
 
 
 ENGINE = Engine()

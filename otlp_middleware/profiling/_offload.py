@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._engine import ENGINE, Scope
+from ._engine import ENGINE
+from ._scope import Scope
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 from ..errors import ConfigurationError, ProfilerStateError
 from ..pprof import Profile, cpu_profile
 from ..types import CpuSample
-from ._engine import DEFAULT_MAX_DEPTH, ENGINE, Scope
+from ._engine import ENGINE
+from ._scope import DEFAULT_MAX_DEPTH, Scope
 
 T = TypeVar("T")
 

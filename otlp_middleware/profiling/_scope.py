@@ -1,0 +1,182 @@
+"""Scopes and per-thread bookkeeping shared by the sampling tiers.
+
+A ``Scope`` is what to profile and where its samples go; a ``ThreadEntry`` is the immutable
+snapshot of the scopes open on one thread (replaced, never mutated, so signal handlers and
+the sampler thread read it without locks); a ``ThreadClock`` is a thread's CPU clock counted
+only while the thread is inside a scope.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from types import FrameType
+
+from ..types import CpuSample
+
+DEFAULT_MAX_DEPTH = 128
+
+
+class RateLimitedLog:
+    """Log a repeated failure at most once per ``interval`` seconds, with a count."""
+
+    def __init__(self, log: logging.Logger, interval: float = 60.0) -> None:
+        self._log = log
+        self._interval = interval
+        self._last = -interval
+        self.count = 0
+
+    def exception(self, msg: str, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._log.warning(msg + " (%d so far)", *args, self.count, exc_info=True)
+
+
+class Scope:
+    """One open profiling scope and the samples it collected.
+
+    Created by ``ENGINE.open_thread_scope`` / ``ENGINE.open_frame_scope``; closed with
+    ``ENGINE.close(scope)``. ``samples`` is a deque appended from the sampling tiers (an
+    atomic operation, safe from a signal handler).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "closed_ns",
+        "deadline_ns",
+        "include_system_calls",
+        "max_depth",
+        "methods",
+        "native_tier",
+        "opened_mono_ns",
+        "opened_ns",
+        "period_ns",
+        "root_frame",
+        "samples",
+        "signal_tier",
+        "swept",
+        "thread_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        thread_id: int,
+        root_frame: FrameType | None,
+        period_ns: int,
+        include_system_calls: bool,
+        max_duration_ns: int | None,
+        max_depth: int,
+    ) -> None:
+        self.thread_id = thread_id
+        self.root_frame = root_frame
+        self.period_ns = period_ns
+        self.include_system_calls = include_system_calls
+        self.max_depth = max_depth
+        self.samples: collections.deque[CpuSample] = collections.deque()
+        self.methods: dict[str, int] = {}
+        self.opened_ns = time.time_ns()
+        self.opened_mono_ns = time.monotonic_ns()
+        self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
+        self.closed_ns: int | None = None
+        self.native_tier = False  # sampled by the native tier (set by the engine)
+        self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
+        self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
+
+    def record(self, sample: CpuSample, method: str) -> None:
+        if self.closed_ns is not None:
+            return
+        if self.deadline_ns is not None and time.monotonic_ns() > self.deadline_ns:
+            return
+        self.samples.append(sample)
+        self.methods[method] = self.methods.get(method, 0) + 1
+
+    @property
+    def duration_ns(self) -> int:
+        end = self.closed_ns if self.closed_ns is not None else time.time_ns()
+        d = end - self.opened_ns
+        if self.deadline_ns is not None:
+            d = min(d, self.deadline_ns - self.opened_mono_ns)
+        return max(d, 0)
+
+
+class ThreadClock:
+    """A thread's CPU clock counted only while the thread is inside a scope."""
+
+    __slots__ = ("acc", "clock", "last_mark", "open_since", "raw_wall_mark", "tick_mark")
+
+    def __init__(self, clock: int | None) -> None:
+        self.clock = clock
+        self.acc = 0
+        self.open_since: int | None = None
+        self.last_mark = 0
+        self.raw_wall_mark = 0  # raw CPU reading at the previous off-CPU check
+        self.tick_mark = 0  # raw CPU reading at the previous SIGPROF tick
+
+    def raw(self) -> int:
+        if self.clock is None:
+            return 0
+        try:
+            return time.clock_gettime_ns(self.clock)
+        except OSError:  # the thread is gone
+            return 0
+
+    def start(self) -> None:
+        self.open_since = self.raw()
+
+    def stop(self) -> None:
+        if self.open_since is not None:
+            self.acc += max(self.raw() - self.open_since, 0)
+            self.open_since = None
+
+    def take_delta(self) -> int:
+        now = self.acc
+        if self.open_since is not None:
+            now += max(self.raw() - self.open_since, 0)
+        delta = now - self.last_mark
+        self.last_mark = now
+        return delta
+
+
+class ThreadEntry:
+    """Immutable snapshot of what is open on one thread (replaced, never mutated)."""
+
+    __slots__ = ("name", "roots", "thread_scopes", "tid")
+
+    def __init__(
+        self,
+        tid: int,
+        name: str,
+        thread_scopes: tuple[Scope, ...],
+        roots: dict[int, tuple[Scope, ...]],
+    ) -> None:
+        self.tid = tid
+        self.name = name
+        self.thread_scopes = thread_scopes
+        self.roots = roots
+
+    @property
+    def scopes(self) -> tuple[Scope, ...]:
+        out = self.thread_scopes
+        for group in self.roots.values():
+            out += group
+        return out
+
+
+def thread_cpu_clock() -> int | None:
+    try:
+        return time.pthread_getcpuclockid(threading.get_ident())
+    except (AttributeError, OSError):
+        return None
+
+
+def decrement(counts: dict[int, int], key: int) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

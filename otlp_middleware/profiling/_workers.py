@@ -1,0 +1,102 @@
+"""The engine's helper threads: the sampler thread and the native-ring collector.
+
+Both exist only while the engine needs them and never wake up otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ._scope import RateLimitedLog
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
+
+
+class Sweeper:
+    """The sampler thread: wakes every period while it is needed, never otherwise."""
+
+    def __init__(self, engine: Engine, period_ns: int) -> None:
+        self._engine = engine
+        self._errors = engine.errors
+        self.period_ns = period_ns
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="otlp-middleware-sampler", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def forget(self) -> None:
+        """After fork: the thread does not exist in the child; nothing to join."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        own = threading.get_ident()
+        last = time.monotonic_ns()
+        while not self._stop.wait(self.period_ns / 1e9):
+            now = time.monotonic_ns()
+            try:
+                self._engine._sweep(own, now - last)
+            except Exception:
+                self._errors.exception("otlp_middleware: the sampler thread failed")
+            last = now
+
+
+class Collector:
+    """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
+
+    One thread, created with the first native scope. While no native scope is open it blocks
+    on an event (no wake-ups); closing scopes drain the ring themselves, so short requests
+    never wait for it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._errors: RateLimitedLog = engine.errors
+        self._active = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run, name="otlp-middleware-collector", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        if not self._active.is_set():
+            self._active.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._active.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def forget(self) -> None:
+        self._stopped = True
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            self._active.wait()
+            if self._stopped:
+                return
+            time.sleep(COLLECT_INTERVAL)
+            if self._stopped:
+                return
+            with engine._lock:
+                try:
+                    engine.collect()
+                except Exception:
+                    self._errors.exception("otlp_middleware: draining native samples failed")
+                if not engine._native_periods:
+                    self._active.clear()
