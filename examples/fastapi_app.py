@@ -79,7 +79,8 @@ def create_app(endpoint: str = RECEIVER_URL) -> FastAPI:
     return app
 
 
-app = create_app()
+# OTLP_MIDDLEWARE_ENDPOINT=http://127.0.0.1:4040/v1development/profiles sends to Pyroscope.
+app = create_app(os.environ.get("OTLP_MIDDLEWARE_ENDPOINT", RECEIVER_URL))
 
 if __name__ == "__main__":
     import uvicorn
