@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from otlp_middleware import ProfilingMiddleware
+from otlp_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 from otlp_middleware._receiver import Receiver
 from otlp_middleware.config import render_markdown_table
 from otlp_middleware.middleware import RequestProfiler
@@ -149,6 +149,100 @@ def test_fastapi_example_profiles_a_decorated_endpoint(receiver: Receiver) -> No
         profiler.shutdown(10)
     assert receiver.profiles_received > 0
     assert "count_primes" in received_functions(receiver)
+
+
+# -- Flask -----------------------------------------------------------------------------------
+
+
+def _wsgi_profiler(app: Any) -> RequestProfiler:
+    """The RequestProfiler of the WSGIProfilingMiddleware in front of a Flask app."""
+    layer = app.wsgi_app
+    while layer is not None:
+        if isinstance(layer, WSGIProfilingMiddleware):
+            return layer.profiler
+        layer = getattr(layer, "app", None)
+    raise AssertionError("WSGIProfilingMiddleware not found around app.wsgi_app")
+
+
+@pytest.mark.server
+def test_flask_example_profiles_a_decorated_view(receiver: Receiver) -> None:
+    pytest.importorskip("otlp_middleware.contrib.flask")
+    module = load_example("flask_app.py", "example_flask_app")
+    app = module.create_app(endpoint=receiver.url)
+    profiler = _wsgi_profiler(app)
+    try:
+        client = app.test_client()
+        # buffered: the client consumes and closes the response, as a WSGI server does; the
+        # profile is finished when the body is closed.
+        primes = client.get("/primes/60000", buffered=True)
+        digest = client.get("/digest/1000", buffered=True)
+        version = client.get("/version", buffered=True)
+        assert primes.status_code == 200 and primes.get_json()["primes"] > 6000
+        assert digest.status_code == 200
+        assert version.get_json() == {"version": "1.0"}
+        assert profiler.force_flush(10)
+    finally:
+        profiler.shutdown(10)
+    assert receiver.profiles_received > 0
+    assert "count_primes" in received_functions(receiver)
+
+
+# -- Django ----------------------------------------------------------------------------------
+
+# Django's settings are process-wide and other tests configure their own: drive the example
+# project through Django's test client in a fresh interpreter. Its queued profiles are
+# flushed by the exporter's exit hook, which this proves too.
+DJANGO_DRIVER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["DJANGO_SETTINGS_MODULE"] = "shop.settings"
+import django
+django.setup()
+from django.conf import settings
+from django.test import Client, override_settings
+
+with override_settings(OTLP_MIDDLEWARE={**settings.OTLP_MIDDLEWARE, "ENDPOINT": sys.argv[2]}):
+    client = Client()
+    primes = client.get("/primes/60000/")
+    version = client.get("/version/")
+    order = client.post("/orders/7/", '{"items": [1, 2]}', content_type="application/json")
+    print(primes.status_code, primes.json()["primes"])
+    print(version.status_code, version.json())
+    print(order.status_code, order.json())
+"""
+
+
+@pytest.mark.server
+def test_django_example_project_profiles_a_decorated_view(receiver: Receiver) -> None:
+    pytest.importorskip("otlp_middleware.contrib.django")
+    project = EXAMPLES / "django_project"
+    proc = subprocess.run(
+        [sys.executable, "-c", DJANGO_DRIVER, str(project), receiver.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    primes, version, order = proc.stdout.splitlines()
+    assert primes.startswith("200 ") and int(primes.split()[1]) > 6000
+    assert version == "200 {'version': '1.0'}"
+    assert order == "200 {'order': 7, 'items': 2}"
+    assert receiver.profiles_received > 0
+    assert "count_primes" in received_functions(receiver)
+
+
+def test_django_example_project_passes_system_checks() -> None:
+    pytest.importorskip("otlp_middleware.contrib.django")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "django_project" / "manage.py"), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no issues" in proc.stdout
 
 
 # -- docs freshness --------------------------------------------------------------------------
