@@ -1,9 +1,17 @@
 """Native CPU sampler (C extension, Linux, CPython 3.10-3.13).
 
 Each thread inside a scope calls :func:`arm_thread`: a POSIX timer on its own CPU-time clock
-fires every ``1/hz`` CPU-seconds and delivers ``SIGRTMIN+3`` to that very thread, whose
-handler copies the thread's own Python stack into a preallocated lock-free ring. The handler
-allocates nothing and takes no lock. :func:`drain` returns the samples, with the GIL.
+fires on average every ``1/hz`` CPU-seconds and delivers ``SIGRTMIN+3`` to that very thread,
+whose handler copies the thread's own Python stack into a preallocated lock-free ring. The
+handler allocates nothing and takes no lock. :func:`drain` returns the samples, with the GIL.
+
+The gaps between a thread's samples are random, ``period * U`` with ``U`` uniform in
+``[0.5, 1.5)`` (mean: the period), drawn per thread by the handler, which re-arms its one-shot
+timer for the next deadline of that schedule. A fixed period would phase-lock with periodic
+work (two tasks alternating bursts of about half a period would see every sample land in
+the same one); a random gap spreads each sample's phase over a whole period. Each sample's
+``cpu_ns`` is the CPU time its thread really consumed, while armed, since its previous
+sample, so a run's weights add up to the thread's armed CPU time.
 
 Usage::
 
@@ -17,8 +25,11 @@ Usage::
         ...
     _cpu_native.stop()
 
-The kernel checks CPU timers on its scheduler tick, so a period shorter than the tick is
-delivered as fewer signals whose ``cpu_ns`` covers the coalesced periods (timer overruns).
+The kernel checks CPU timers on its scheduler tick, so a signal comes up to one tick of CPU
+time after its deadline (the schedule does not drift: deadlines are absolute), and deadlines
+closer together than the tick are delivered as one signal whose ``cpu_ns`` covers them all;
+``stats()["overruns"]`` counts the deadlines merged that way. With gaps of at least half a
+period, that happens only above twice the tick rate (125 Hz with a 250 Hz tick).
 """
 
 from types import FrameType
@@ -53,11 +64,14 @@ def is_started() -> bool:
     """Whether :func:`start` ran (and :func:`stop` has not)."""
 
 def set_frequency(hz: float) -> None:
-    """Change the period of every armed timer (and of timers armed later)."""
+    """Change the mean period of every armed timer (and of timers armed later); a no-op
+    when the period does not change."""
 
 def arm_thread(token: int) -> None:
     """Sample the calling thread; its samples carry ``token``. Calling it again only
-    changes the token. The countdown left at the last :func:`disarm_thread` carries over.
+    changes the token. The countdown left at the last :func:`disarm_thread` carries over, and
+    so does the CPU time consumed armed since the last sample (it weighs the next sample);
+    a thread's first arming starts at a random phase.
 
     Raises RuntimeError when the sampler is not started.
     """

@@ -4,8 +4,9 @@
  * Contract
  * --------
  * Each thread that runs inside a profiling scope calls arm_thread(token): it gets a POSIX
- * timer on its own CPU-time clock (pthread_getcpuclockid) that fires every 1/hz CPU-seconds
- * and is delivered to that very thread (SIGEV_THREAD_ID) on SIGRTMIN+3.  The signal handler
+ * timer on its own CPU-time clock (pthread_getcpuclockid) that fires on average every 1/hz
+ * CPU-seconds (see "Sampling schedule" below) and is delivered to that very thread
+ * (SIGEV_THREAD_ID) on SIGRTMIN+3.  The signal handler
  * runs on the interrupted thread, walks that thread's own Python frames (read from its own
  * thread state, found through PyGILState_GetThisThreadState, never from the GIL holder) and
  * copies, per frame, the function's qualified name, file name, first line and current line
@@ -25,6 +26,48 @@
  *
  * Asyncio: add_root(frame, token) registers a coroutine's frame object (coro.cr_frame); a
  * sample whose stack contains that frame carries its token in root_tokens (leaf first).
+ *
+ * Sampling schedule
+ * -----------------
+ * A fixed period phase-locks with periodic work: two tasks alternating 5 ms bursts on a loop
+ * whose cycle is close to the period get every sample in the same task.  So each thread's
+ * timer is a one-shot timer that the handler re-arms (timer_settime is async-signal-safe)
+ * for the next deadline of a per-thread random schedule, in the thread's CPU time:
+ *
+ *     deadline[k+1] = deadline[k] + period * U,   U uniform in [0.5, 1.5)
+ *
+ * drawn from a per-thread xorshift64* generator (thread-local, seeded at arm time; no libc
+ * rand in the handler).  The mean gap is exactly the period, so the mean rate is the
+ * configured frequency.  Uniform rather than exponential (Poisson) gaps: one draw already
+ * spreads the next sample's phase over a whole period, which breaks any lock with a cycle of
+ * about a period or less, and the gap never goes below half a period, so up to 2x the tick
+ * rate (125 Hz with a 250 Hz tick) every deadline gets its own signal.  With exponential gaps
+ * a third of the 99 Hz gaps would be shorter than a 4 ms tick and be merged, lowering the
+ * sample count, and the count would vary more.
+ *
+ * Deadlines are absolute (TIMER_ABSTIME on the thread's CPU clock), so the late delivery of a
+ * signal never shifts the schedule: the kernel checks CPU timers on its scheduler tick, so a
+ * signal arrives up to one tick of CPU time after its deadline; the next deadline still
+ * counts from the previous deadline, not from the late signal.
+ *
+ * Weights: each sample's cpu_ns is the CPU time the thread really consumed while armed since
+ * its previous sample, read from its own CPU clock in the handler (clock_gettime is
+ * async-signal-safe): the gap that just expired, its tick lateness, and every deadline the
+ * kernel merged into this signal.  Over a run the weights add up to the thread's armed CPU
+ * time, up to the tail after the last sample (a sample skipped - no Python frame, no thread
+ * state - or dropped on a full ring loses its weight, as its stats counter says).  The first sample of a freshly armed thread
+ * (random first deadline in (0, period]) is weighted as if the previous sample had been one
+ * period before that deadline: a scope shorter than a period is then sampled with
+ * probability length/period at weight ~period, i.e. counted in proportion.
+ *
+ * Overruns (stats()["overruns"]): the deadlines that passed before the signal came, beyond
+ * the first, counted by the handler from its own schedule (a one-shot timer has no kernel
+ * overrun count).  They appear when gaps are shorter than the tick (above ~2x the tick
+ * rate) or when signal delivery was held up; their CPU time is in the sample's cpu_ns.
+ *
+ * Disarm keeps the remaining countdown and the CPU consumed since the last sample; the next
+ * arm_thread() of the same thread continues from both, so a thread that runs many short
+ * scopes is sampled as if it had stayed armed.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -160,6 +203,12 @@ static TLS timer_t tl_timer;
 static TLS unsigned tl_gen;
 static TLS int64_t tl_remaining_ns;
 static TLS unsigned tl_remaining_gen;
+/* the sampling schedule, in this thread's CPU-clock nanoseconds (see "Sampling schedule") */
+static TLS uint64_t tl_rng;         /* xorshift64* state, never 0 once seeded */
+static TLS int64_t tl_deadline_ns;  /* the deadline the timer is armed for */
+static TLS int64_t tl_last_ns;      /* CPU clock at the last sample (or at arm) */
+static TLS int64_t tl_banked_ns;    /* CPU consumed while armed before tl_last_ns, unsampled */
+static TLS int64_t tl_sched_period; /* the period tl_deadline_ns was drawn with */
 
 /* drain-side caches (GIL) */
 static PyObject **g_func_objs; /* FUNC_CAP entries: (name, filename, first_line) */
@@ -186,6 +235,50 @@ static inline struct timespec ns_to_ts(int64_t ns)
     ts.tv_sec = (time_t)(ns / 1000000000LL);
     ts.tv_nsec = (long)(ns % 1000000000LL);
     return ts;
+}
+
+static inline uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* xorshift64* on the calling thread's state; async-signal-safe (no libc, no lock). */
+static inline uint64_t tl_random(void)
+{
+    uint64_t x = tl_rng;
+    if (x == 0) {
+        x = 0x2545F4914F6CDD1DULL;
+    }
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    tl_rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+/* A uniform value in [lo, lo + width) from a 64-bit random number (width > 0). */
+static inline int64_t scale(uint64_t r, int64_t lo, int64_t width)
+{
+    return lo + (int64_t)(((unsigned __int128)r * (uint64_t)width) >> 64);
+}
+
+/* The next gap of the schedule: period * U, U uniform in [0.5, 1.5); mean = period. */
+static inline int64_t next_gap(int64_t period)
+{
+    int64_t gap = scale(tl_random(), period - period / 2, period);
+    return gap > 0 ? gap : 1;
+}
+
+/* Arm the one-shot timer for an absolute deadline on the thread's CPU clock. */
+static inline int set_deadline(timer_t t, int64_t deadline_ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof(its));
+    its.it_value = ns_to_ts(deadline_ns > 0 ? deadline_ns : 1);
+    return timer_settime(t, TIMER_ABSTIME, &its, NULL);
 }
 
 /* ---------------------------------------------------------------- handler side */
@@ -392,8 +485,10 @@ static void walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *
 static void on_signal(int signo, siginfo_t *si, void *uctx)
 {
     (void)signo;
+    (void)si;
     (void)uctx;
     int saved_errno = errno;
+    int rearm = 0;
     atomic_fetch_add_explicit(&g_in_handler, 1, memory_order_acq_rel);
     atomic_fetch_add_explicit(&st_signals, 1, memory_order_relaxed);
     if (!atomic_load_explicit(&g_enabled, memory_order_acquire)) {
@@ -403,23 +498,36 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
         atomic_fetch_add_explicit(&st_not_armed, 1, memory_order_relaxed);
         goto out;
     }
+    /* The schedule first: whatever happens to this sample, the thread's one-shot timer is
+     * re-armed for its next deadline (at "out"). */
+    int64_t period = atomic_load_explicit(&g_period_ns, memory_order_relaxed);
+    int64_t now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+    int64_t weight = tl_banked_ns + (now - tl_last_ns);
+    tl_banked_ns = 0;
+    tl_last_ns = now;
+    if (tl_sched_period != period) { /* set_frequency() re-armed the timer: start afresh */
+        tl_sched_period = period;
+        tl_deadline_ns = now;
+    }
+    int64_t passed = 0;
+    while (tl_deadline_ns <= now && passed < 4096) {
+        tl_deadline_ns += next_gap(period);
+        passed++;
+    }
+    if (tl_deadline_ns <= now) { /* held up for thousands of periods: resynchronise */
+        passed += (now - tl_deadline_ns) / period;
+        tl_deadline_ns = now + next_gap(period);
+    }
+    rearm = 1;
+    /* deadlines merged into this signal: CPU timers are checked on the scheduler tick, so
+     * gaps shorter than the tick (or a delayed delivery) fold several into one signal */
+    if (passed > 1) {
+        atomic_fetch_add_explicit(&st_overruns, (uint64_t)(passed - 1), memory_order_relaxed);
+    }
     PyThreadState *ts = PyGILState_GetThisThreadState();
     if (ts == NULL) {
         atomic_fetch_add_explicit(&st_no_tstate, 1, memory_order_relaxed);
         goto out;
-    }
-    int64_t period = atomic_load_explicit(&g_period_ns, memory_order_relaxed);
-    /* expirations the kernel coalesced into this signal (CPU timers are checked on the
-     * scheduler tick, so a period shorter than the tick shows up as overruns) */
-    int overrun = (si != NULL && si->si_code == SI_TIMER && si->si_overrun > 0)
-                      ? si->si_overrun
-                      : 0;
-    if (overrun == 0 && tl_has_timer) {
-        int o = timer_getoverrun(tl_timer);
-        overrun = o > 0 ? o : 0;
-    }
-    if (overrun > 0) {
-        atomic_fetch_add_explicit(&st_overruns, (uint64_t)overrun, memory_order_relaxed);
     }
 
     frame_ref_t frames[MAX_DEPTH];
@@ -454,7 +562,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
         }
     }
     s->token = tl_token;
-    s->cpu_ns = period * (1 + (int64_t)overrun);
+    s->cpu_ns = weight;
     s->ts_ns = now_ns(CLOCK_REALTIME);
     s->tid = my_tid();
     s->depth = (uint16_t)depth;
@@ -468,17 +576,21 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
         atomic_fetch_add_explicit(&st_truncated, 1, memory_order_relaxed);
     }
 out:
+    if (rearm && tl_has_timer) {
+        set_deadline(tl_timer, tl_deadline_ns);
+    }
     atomic_fetch_sub_explicit(&g_in_handler, 1, memory_order_acq_rel);
     errno = saved_errno;
 }
 
 /* ---------------------------------------------------------------- timers */
 
-static int set_timer(timer_t t, int64_t first_ns, int64_t period_ns)
+/* Arm a one-shot timer first_ns of CPU time from now (the handler re-arms it). */
+static int set_timer(timer_t t, int64_t first_ns)
 {
     struct itimerspec its;
-    its.it_interval = ns_to_ts(period_ns);
-    its.it_value = ns_to_ts(first_ns > 0 ? first_ns : period_ns);
+    memset(&its, 0, sizeof(its));
+    its.it_value = ns_to_ts(first_ns > 0 ? first_ns : 1);
     return timer_settime(t, 0, &its, NULL);
 }
 
@@ -618,12 +730,19 @@ static int period_from_hz(PyObject *hz_obj, int64_t *period)
     return 0;
 }
 
+/* A new period for every armed timer: each gets a first expiry uniform in [0.5, 1.5) of the
+ * new period; its thread's handler then notices the new period and draws a fresh schedule. */
 static void rearm_all(int64_t period)
 {
+    static uint64_t seed;
     pthread_mutex_lock(&g_timer_lock);
+    if (seed == 0) {
+        seed = (uint64_t)now_ns(CLOCK_MONOTONIC);
+    }
     for (int i = 0; i < TIMER_CAP; i++) {
         if (g_timers[i].used) {
-            set_timer(g_timers[i].timer, period, period);
+            seed = splitmix64(seed);
+            set_timer(g_timers[i].timer, scale(seed, period - period / 2, period));
         }
     }
     pthread_mutex_unlock(&g_timer_lock);
@@ -647,11 +766,13 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     check_fork();
-    atomic_store(&g_period_ns, period);
     if (g_started) {
-        rearm_all(period);
+        if (atomic_exchange(&g_period_ns, period) != period) {
+            rearm_all(period);
+        }
         Py_RETURN_NONE;
     }
+    atomic_store(&g_period_ns, period);
     size_t cap = 2; /* the sequence-numbered ring needs two slots at least */
     while (cap < (size_t)capacity) {
         cap <<= 1;
@@ -742,8 +863,7 @@ static PyObject *py_set_frequency(PyObject *self, PyObject *hz_obj)
         return NULL;
     }
     check_fork();
-    atomic_store(&g_period_ns, period);
-    if (g_started) {
+    if (atomic_exchange(&g_period_ns, period) != period && g_started) {
         rearm_all(period);
     }
     Py_RETURN_NONE;
@@ -804,19 +924,32 @@ static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
     tl_has_timer = 1;
     pthread_setspecific(g_key, (void *)(intptr_t)(slot + 1));
     int64_t period = atomic_load(&g_period_ns);
+    int64_t now = now_ns(CLOCK_THREAD_CPUTIME_ID);
     int64_t first;
-    if (tl_remaining_gen == g_gen && tl_remaining_ns > 0 && tl_remaining_ns <= period) {
-        first = tl_remaining_ns; /* the countdown left when the thread last disarmed */
+    if (tl_remaining_gen == g_gen && tl_sched_period == period &&
+        tl_remaining_ns <= 2 * period) {
+        /* the countdown left when the thread last disarmed, and the CPU it consumed armed
+         * since its last sample (tl_banked_ns) carry over.  A deadline that was already due
+         * (its tick had not come yet) stays due: the timer fires on the next tick and the
+         * handler counts it, so short scopes do not push the schedule back. */
+        first = tl_remaining_ns;
     }
     else { /* a random phase, so scopes shorter than a period are sampled in proportion */
-        uint64_t x = (uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)my_tid() << 32);
-        x ^= x >> 33;
-        x *= 0xff51afd7ed558ccdULL;
-        x ^= x >> 33;
-        first = 1 + (int64_t)(x % (uint64_t)period);
+        tl_rng = splitmix64((uint64_t)now_ns(CLOCK_MONOTONIC) ^ ((uint64_t)my_tid() << 32) ^
+                            (uint64_t)(uintptr_t)&tl_rng);
+        if (tl_rng == 0) {
+            tl_rng = 1;
+        }
+        first = scale(tl_random(), 1, period);
+        /* weigh the first sample as if the previous one came a period before its deadline */
+        tl_banked_ns = period - first;
     }
+    tl_sched_period = period;
+    tl_deadline_ns = now + first;
+    tl_last_ns = now;
+    atomic_signal_fence(memory_order_seq_cst); /* the schedule is set before the handler runs */
     tl_armed = 1;
-    if (set_timer(timer, first, period) != 0) {
+    if (set_timer(timer, first > 0 ? first : 1) != 0) {
         tl_armed = 0;
         tl_has_timer = 0;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -836,6 +969,16 @@ static PyObject *py_disarm_thread(PyObject *self, PyObject *unused)
 {
     check_fork();
     tl_armed = 0;
+    atomic_signal_fence(memory_order_seq_cst); /* the handler no longer touches the schedule */
+    if (tl_has_timer && tl_gen == g_gen) {
+        /* keep the CPU consumed since the last sample and the countdown to the next deadline
+         * (<= 0 when it is due but its tick has not come) for the next arm_thread() */
+        int64_t now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+        tl_banked_ns += now - tl_last_ns;
+        tl_last_ns = now;
+        tl_remaining_ns = tl_deadline_ns - now;
+        tl_remaining_gen = g_gen;
+    }
     tl_has_timer = 0;
     if (tl_slot < 0 || tl_gen != g_gen) {
         tl_slot = -1;
@@ -844,11 +987,6 @@ static PyObject *py_disarm_thread(PyObject *self, PyObject *unused)
     pthread_mutex_lock(&g_timer_lock);
     tslot_t *t = &g_timers[tl_slot];
     if (t->used && t->tid == my_tid()) {
-        struct itimerspec cur;
-        if (timer_gettime(t->timer, &cur) == 0) {
-            tl_remaining_ns = (int64_t)cur.it_value.tv_sec * 1000000000LL + cur.it_value.tv_nsec;
-            tl_remaining_gen = g_gen;
-        }
         timer_delete(t->timer);
         t->used = 0;
         g_timers_active--;
