@@ -435,22 +435,21 @@ class Engine(NativeTier):
         self._timer_armed = False
 
     def uninstall(self) -> None:
-        """Restore SIGPROF's default disposition (only when no scope is open).
+        """Remove the idle machinery: collector thread, native sampler, SIGPROF handler.
 
-        Called at interpreter exit and by tests; a later scope installs the handler again.
+        Only while no scope is open (otherwise a no-op). For tests and embedders that want
+        a pristine process; a later scope sets everything up again.
         """
         with self._lock:
             if self._open:
                 return
-            if self._collector is not None:
-                self._collector.stop()
-                self._collector = None
-            if self._native is not None and self._native.is_started():
-                self._native.stop()
-                self._tokens.clear()
-                self._thread_tokens.clear()
-                self._root_tokens.clear()
-                self._retired_tokens.clear()
+            collector, self._collector = self._collector, None
+        if collector is not None:
+            collector.stop()  # outside the lock: the collector takes it to drain
+        with self._lock:
+            if self._open:
+                return
+            self.teardown_native()
             if self._handler_installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGPROF, signal.SIG_DFL)
                 self._handler_installed = False

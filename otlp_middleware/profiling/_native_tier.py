@@ -130,6 +130,23 @@ class NativeTier:
             self._native_hz = 1e9 / min(self._native_periods)
             self._native.set_frequency(self._native_hz)
 
+    def teardown_native(self) -> None:
+        """Stop the native sampler: delete every timer, restore the signal disposition.
+
+        Called with the engine lock held, only while no native scope is open; the next
+        scope starts it again.
+        """
+        native = self._native
+        if native is None or not native.is_started() or self._native_periods:
+            return
+        self.collect()
+        native.stop()
+        self._native_hz = 0.0
+        self._tokens.clear()
+        self._thread_tokens.clear()
+        self._root_tokens.clear()
+        self._retired_tokens.clear()
+
     def collect(self) -> None:
         """Move the native sampler's recorded samples into their scopes (needs the GIL)."""
         native = self._native

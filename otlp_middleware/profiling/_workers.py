@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._engine import Engine
 
 COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
+IDLE_TEARDOWN = 1.0  # seconds without native scopes before the native sampler is torn down
 
 
 class Sweeper:
@@ -56,9 +57,11 @@ class Sweeper:
 class Collector:
     """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
 
-    One thread, created with the first native scope. While no native scope is open it blocks
-    on an event (no wake-ups); closing scopes drain the ring themselves, so short requests
-    never wait for it.
+    One thread, created with the first native scope. Closing scopes drain the ring themselves,
+    so short requests never wait for it. Once no native scope has been open for
+    ``IDLE_TEARDOWN`` seconds it tears the native sampler down (timers deleted, signal
+    disposition restored) and blocks on an event: no wake-ups until the next scope. The grace
+    period spares back-to-back requests a teardown and set-up each.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -86,6 +89,7 @@ class Collector:
 
     def _run(self) -> None:
         engine = self._engine
+        idle_since: float | None = None
         while True:
             self._active.wait()
             if self._stopped:
@@ -96,7 +100,13 @@ class Collector:
             with engine._lock:
                 try:
                     engine.collect()
+                    if engine._native_periods:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since >= IDLE_TEARDOWN:
+                        engine.teardown_native()
+                        idle_since = None
+                        self._active.clear()
                 except Exception:
                     self._errors.exception("otlp_middleware: draining native samples failed")
-                if not engine._native_periods:
-                    self._active.clear()
