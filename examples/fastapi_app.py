@@ -30,12 +30,8 @@ from fastapi import FastAPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from otlp_middleware import (
-    CpuProfilerConfig,
-    ProfilingMiddleware,
-    profile_route,
-    skip_profiling,
-)
+from otlp_middleware import CpuProfilerConfig, profile_route, skip_profiling
+from otlp_middleware.contrib.fastapi import ProfilingMiddleware  # = otlp_middleware's
 
 RECEIVER_URL = "http://127.0.0.1:4318/v1development/profiles"
 

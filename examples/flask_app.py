@@ -29,9 +29,8 @@ from flask import Flask
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from otlp_middleware.contrib.flask import OtlpProfiling
-
 from otlp_middleware import profile_route, skip_profiling
+from otlp_middleware.contrib.flask import OtlpProfiling
 
 RECEIVER_URL = "http://127.0.0.1:4318/v1development/profiles"
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from otlp_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
+from otlp_middleware import ProfilingMiddleware
 from otlp_middleware._receiver import Receiver
 from otlp_middleware.config import render_markdown_table
 from otlp_middleware.middleware import RequestProfiler
@@ -154,22 +154,12 @@ def test_fastapi_example_profiles_a_decorated_endpoint(receiver: Receiver) -> No
 # -- Flask -----------------------------------------------------------------------------------
 
 
-def _wsgi_profiler(app: Any) -> RequestProfiler:
-    """The RequestProfiler of the WSGIProfilingMiddleware in front of a Flask app."""
-    layer = app.wsgi_app
-    while layer is not None:
-        if isinstance(layer, WSGIProfilingMiddleware):
-            return layer.profiler
-        layer = getattr(layer, "app", None)
-    raise AssertionError("WSGIProfilingMiddleware not found around app.wsgi_app")
-
-
 @pytest.mark.server
 def test_flask_example_profiles_a_decorated_view(receiver: Receiver) -> None:
     pytest.importorskip("otlp_middleware.contrib.flask")
     module = load_example("flask_app.py", "example_flask_app")
     app = module.create_app(endpoint=receiver.url)
-    profiler = _wsgi_profiler(app)
+    profiler = app.extensions["otlp_middleware"].profiler_for(app)
     try:
         client = app.test_client()
         # buffered: the client consumes and closes the response, as a WSGI server does; the
@@ -194,30 +184,31 @@ def test_flask_example_profiles_a_decorated_view(receiver: Receiver) -> None:
 # flushed by the exporter's exit hook, which this proves too.
 DJANGO_DRIVER = """
 import os, sys
-sys.path.insert(0, sys.argv[1])
+project, endpoint, first = sys.argv[1:4]
+sys.path.insert(0, project)
 os.environ["DJANGO_SETTINGS_MODULE"] = "shop.settings"
 import django
 django.setup()
 from django.conf import settings
 from django.test import Client, override_settings
 
-with override_settings(OTLP_MIDDLEWARE={**settings.OTLP_MIDDLEWARE, "ENDPOINT": sys.argv[2]}):
+with override_settings(OTLP_MIDDLEWARE={**settings.OTLP_MIDDLEWARE, "ENDPOINT": endpoint}):
     client = Client()
-    primes = client.get("/primes/60000/")
-    version = client.get("/version/")
+    responses = {}
+    for path in (first, "/primes/60000/", "/version/"):
+        responses[path] = client.get(path)
     order = client.post("/orders/7/", '{"items": [1, 2]}', content_type="application/json")
-    print(primes.status_code, primes.json()["primes"])
-    print(version.status_code, version.json())
+    print(responses["/primes/60000/"].status_code, responses["/primes/60000/"].json()["primes"])
+    print(responses["/version/"].status_code, responses["/version/"].json())
     print(order.status_code, order.json())
 """
 
 
-@pytest.mark.server
-def test_django_example_project_profiles_a_decorated_view(receiver: Receiver) -> None:
+def _drive_django_example(receiver: Receiver, first: str) -> None:
     pytest.importorskip("otlp_middleware.contrib.django")
     project = EXAMPLES / "django_project"
     proc = subprocess.run(
-        [sys.executable, "-c", DJANGO_DRIVER, str(project), receiver.url],
+        [sys.executable, "-c", DJANGO_DRIVER, str(project), receiver.url, first],
         capture_output=True,
         text=True,
         timeout=60,
@@ -228,8 +219,50 @@ def test_django_example_project_profiles_a_decorated_view(receiver: Receiver) ->
     assert primes.startswith("200 ") and int(primes.split()[1]) > 6000
     assert version == "200 {'version': '1.0'}"
     assert order == "200 {'order': 7, 'items': 2}"
+    # /primes/ is decorated with @profile_route(): profiled whatever SAMPLER says.
     assert receiver.profiles_received > 0
     assert "count_primes" in received_functions(receiver)
+
+
+@pytest.mark.server
+def test_django_example_project_profiles_a_decorated_view(receiver: Receiver) -> None:
+    _drive_django_example(receiver, first="/version/")
+
+
+DJANGO_COLD_DRIVER = """
+import os, sys
+project, endpoint = sys.argv[1:3]
+sys.path.insert(0, project)
+os.environ["DJANGO_SETTINGS_MODULE"] = "shop.settings"
+import django
+django.setup()
+from django.conf import settings
+from django.test import Client, override_settings
+
+options = {**settings.OTLP_MIDDLEWARE, "ENDPOINT": endpoint, "SAMPLER": "never"}
+with override_settings(OTLP_MIDDLEWARE=options):
+    print(Client().get("/primes/60000/").status_code)
+"""
+
+
+@pytest.mark.server
+@pytest.mark.xfail(
+    reason="Django imports the URLconf (and so the decorated views) at the first request, "
+    "after the middleware has checked whether route decorators are in use: the very first "
+    "request to a @profile_route view is not forced",
+    strict=True,
+)
+def test_django_first_request_to_a_decorated_view_is_profiled(receiver: Receiver) -> None:
+    pytest.importorskip("otlp_middleware.contrib.django")
+    proc = subprocess.run(
+        [sys.executable, "-c", DJANGO_COLD_DRIVER, str(EXAMPLES / "django_project"), receiver.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout.strip() == "200", proc.stderr
+    assert receiver.profiles_received > 0  # SAMPLER=never: only the decorator can profile it
 
 
 def test_django_example_project_passes_system_checks() -> None:
