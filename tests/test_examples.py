@@ -124,6 +124,7 @@ def _asgi_profiler(app: Any) -> RequestProfiler:
 
 @pytest.mark.server
 def test_fastapi_example_profiles_a_decorated_endpoint(receiver: Receiver) -> None:
+    pytest.importorskip("otlp_middleware.contrib.fastapi")
     module = load_example("fastapi_app.py", "example_fastapi_app")
     app = module.create_app(endpoint=receiver.url)
 
