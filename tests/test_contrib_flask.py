@@ -93,6 +93,8 @@ def test_error_response_is_profiled_with_status_500() -> None:
     (record,) = profiled(requests)["/boom"]
     only_own(record, "boom_work")
     assert record.attributes["http.response.status_code"] == 500
+    # Flask turned the exception into the 500; got_request_exception still names it.
+    assert record.attributes["error.type"] == "RuntimeError"
 
 
 def test_profile_carries_the_active_span() -> None:

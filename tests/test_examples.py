@@ -247,12 +247,6 @@ with override_settings(OTLP_MIDDLEWARE=options):
 
 
 @pytest.mark.server
-@pytest.mark.xfail(
-    reason="Django imports the URLconf (and so the decorated views) at the first request, "
-    "after the middleware has checked whether route decorators are in use: the very first "
-    "request to a @profile_route view is not forced",
-    strict=True,
-)
 def test_django_first_request_to_a_decorated_view_is_profiled(receiver: Receiver) -> None:
     pytest.importorskip("otlp_middleware.contrib.django")
     proc = subprocess.run(

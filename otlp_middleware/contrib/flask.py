@@ -13,11 +13,11 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, got_request_exception, request
 
 from ..middleware._core import RequestProfiler
 from ..middleware._factory import build_request_profiler
-from ..middleware.wsgi import ROUTE_ENVIRON_KEY, WSGIProfilingMiddleware
+from ..middleware.wsgi import ERROR_ENVIRON_KEY, ROUTE_ENVIRON_KEY, WSGIProfilingMiddleware
 
 __all__ = ["CONFIG_KEY", "EXTENSION_NAME", "OtlpProfiling"]
 
@@ -32,6 +32,11 @@ def _record_route() -> None:
     rule = request.url_rule
     if rule is not None:
         request.environ[ROUTE_ENVIRON_KEY] = rule.rule
+
+
+def _record_error(sender: Flask, exception: BaseException, **extra: Any) -> None:
+    # Flask turns the exception into a 500 response: the WSGI layer never sees it raised.
+    request.environ[ERROR_ENVIRON_KEY] = exception
 
 
 class OtlpProfiling:
@@ -85,6 +90,7 @@ class OtlpProfiling:
             app.wsgi_app, profiler=profiler
         )
         app.before_request(_record_route)
+        got_request_exception.connect(_record_error, app)
         app.extensions[EXTENSION_NAME] = self
         self._profilers[app] = profiler
         self.profiler = profiler

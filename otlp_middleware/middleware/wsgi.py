@@ -24,6 +24,10 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 ROUTE_ENVIRON_KEY = "otlp_middleware.route"
 """Framework adapters put the matched route template here (Flask's url rule, ...)."""
 
+ERROR_ENVIRON_KEY = "otlp_middleware.error"
+"""Framework adapters put an exception here that the framework turned into an error response
+(Flask's ``got_request_exception``), so the profile still records ``error.type``."""
+
 
 def _headers(environ: Environ) -> Mapping[str, str]:
     out = {
@@ -62,6 +66,9 @@ class WSGIProfilingMiddleware:
         tokens = profiler.enter_slot(slot)
 
         def done() -> None:
+            error = environ.get(ERROR_ENVIRON_KEY)
+            if isinstance(error, BaseException) and slot.handle is not None:
+                slot.handle.set_error(error)
             slot.finish(environ.get(ROUTE_ENVIRON_KEY))
             profiler.exit_slot(tokens)
 
