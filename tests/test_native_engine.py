@@ -35,7 +35,13 @@ needs_native = pytest.mark.skipif(
     not ENGINE.native_available, reason="native CPU sampler not built (no compiler?)"
 )
 
-REQUESTS = 1500  # ~1 ms of handler CPU each: ~150 samples expected at 99 Hz
+# Each request burns 1.5 ms of CPU in ``burst``: with ~0.2-0.3 ms of server and middleware
+# work inside the profiled scope (on 3.10 the slowest), the burst is ~85% of the request's
+# CPU, so ">= 80% in the burst" tests the sampler rather than the framework's overhead (with
+# 1 ms bursts the truth itself dips to ~78% on a loaded machine on 3.10).
+BURST_NS = 1_500_000
+REQUESTS = 1000  # 1.5 CPU-seconds of handlers: ~150 samples expected at 99 Hz
+SERVER_ENV = {"OTLP_MIDDLEWARE_CPU_SAMPLER": "native", "TEST_BURST_NS": str(BURST_NS)}
 
 
 # ---------------------------------------------------------------- helpers
@@ -98,7 +104,11 @@ def assert_accurate(
 @pytest.mark.server
 @needs_native
 def test_gunicorn_gthread_worker_bursts_are_exact(tmp_path: object) -> None:
-    """~1 ms requests on gunicorn's gthread worker threads, sampled by the native tier."""
+    """~1.5 ms requests on gunicorn's gthread worker threads, sampled by the native tier.
+
+    Measured on 3.11: 89% of the CPU weight in the burst, 167 samples for 155 expected;
+    the rest is gunicorn writing the response and the middleware inside the scope.
+    """
     out = str(tmp_path)
     port = free_port()
     argv = [
@@ -115,7 +125,7 @@ def test_gunicorn_gthread_worker_bursts_are_exact(tmp_path: object) -> None:
         "--log-level",
         "warning",
     ]
-    env = {"TEST_OUTPUT_DIR": out, "OTLP_MIDDLEWARE_CPU_SAMPLER": "native"}
+    env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
     with serve(argv, port, env, ready_path="/ready") as base:
         cpu_seconds, tiers = drive(base, REQUESTS)
     assert tiers == {"native"}
@@ -125,14 +135,15 @@ def test_gunicorn_gthread_worker_bursts_are_exact(tmp_path: object) -> None:
 @pytest.mark.server
 @needs_native
 def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
-    """~1 ms `def` endpoint requests in FastAPI's thread pool under uvicorn, native tier.
+    """~1.5 ms `def` endpoint requests in FastAPI's thread pool under uvicorn, native tier.
 
     The handler's worker threads are held to the accuracy criteria. The request's profile
     also holds, rightly, the event loop's own work for the request (routing, the response,
     the hand-off to the thread pool), found by the middleware's frame on the loop's stack:
-    measured ~0.33 ms of loop CPU per 1 ms handler, so across all samples the burst holds
-    ~73% of the weight and the count is ~125% of 99 Hz x handler CPU. Those loop samples
-    are checked for attribution only: each must hold the middleware's root frame.
+    measured ~0.33 ms of loop CPU per 1 ms handler, so across all samples the burst held
+    ~73% of the weight and the count was ~125% of 99 Hz x handler CPU (1 ms bursts, 3.11).
+    Those loop samples are checked for attribution only: each must hold the middleware's
+    root frame.
     """
     out = str(tmp_path)
     port = free_port()
@@ -148,7 +159,7 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
         "--log-level",
         "warning",
     ]
-    env = {"TEST_OUTPUT_DIR": out, "OTLP_MIDDLEWARE_CPU_SAMPLER": "native"}
+    env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
     with serve(argv, port, env, ready_path="/ready") as base:
         cpu_seconds, tiers = drive(base, REQUESTS)
     assert tiers == {"native"}
@@ -545,15 +556,15 @@ def _bursts_under_profiler(run: BurstRun) -> None:
 def test_each_tier_on_each_thread_reports_itself(tier: str, where: str) -> None:
     """1 ms bursts between socket writes (1 s wall) under a 99 Hz profiler, per tier and thread.
 
-    Measured (3.11, shared 2-core machine; share of CPU weight in ``burst``, samples per
-    CPU-second with 99 expected):
+    Measured (3.11, shared 2-core machine, several runs and bench/bench_tiers.py; share of
+    CPU weight in ``burst`` and samples per CPU-second, 99 expected):
 
     ============  ===========================  ===========================
     tier          main thread                  worker thread
     ============  ===========================  ===========================
-    native        99%, ~99/s                   100%, ~98/s
-    signal        98%, ~98/s (SIGPROF)         0%, 3-45/s (sampler thread)
-    thread        0%, 3-27/s (sampler thread)  0%, 3-10/s (sampler thread)
+    native        99-100%, 96-99/s             99-100%, 98-100/s
+    signal        98-100%, 96-98/s (SIGPROF)   0%, 3-93/s (sampler thread)
+    thread        0%, 5-87/s (sampler thread)  0%, 3-54/s (sampler thread)
     ============  ===========================  ===========================
 
     The sampler thread must win the GIL to look, so it sees the thread at its socket calls

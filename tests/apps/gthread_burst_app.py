@@ -24,6 +24,7 @@ from tests import workloads
 
 _local = threading.local()
 _PAYLOAD = b"x" * 512
+BURST_NS = int(os.environ.get("TEST_BURST_NS", "1000000"))
 
 
 def socket_round_trip() -> None:
@@ -40,7 +41,7 @@ def socket_round_trip() -> None:
 
 def handle_burst() -> str:
     start = time.thread_time_ns()
-    workloads.burst()
+    workloads.burst(BURST_NS)
     socket_round_trip()
     cpu_ns = time.thread_time_ns() - start
     return f"{cpu_ns} {ENGINE.method_for(threading.get_ident())}"
