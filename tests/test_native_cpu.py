@@ -33,15 +33,25 @@ except ImportError:  # not built: no compiler, not Linux, unsupported Python
 Sample = tuple[int, tuple[int, ...], int, int, int, tuple[tuple[str, str, int, int], ...]]
 
 
-def _our_proc_timers() -> int:
-    """POSIX timers of this process that deliver the sampler's signal."""
+def _our_proc_timer_ids() -> list[int]:
+    """Ids of this process's POSIX timers that deliver the sampler's signal."""
     with open("/proc/self/timers") as f:
         text = f.read()
-    return sum(
-        1
-        for line in text.splitlines()
-        if line.startswith("signal:") and line.split()[1].split("/")[0] == str(_cpu_native.SIGNAL)
-    )
+    ids: list[int] = []
+    current = -1
+    for line in text.splitlines():
+        if line.startswith("ID:"):
+            current = int(line.split()[1])
+        elif line.startswith("signal:") and line.split()[1].split("/")[0] == str(
+            _cpu_native.SIGNAL
+        ):
+            ids.append(current)
+    return ids
+
+
+def _our_proc_timers() -> int:
+    """POSIX timers of this process that deliver the sampler's signal."""
+    return len(_our_proc_timer_ids())
 
 
 @pytest.fixture
@@ -51,6 +61,7 @@ def native() -> Iterator[ModuleType]:
     yield _cpu_native
     _cpu_native.stop()
     assert _cpu_native.active_timers() == 0
+    assert _cpu_native.armed_timers() == 0
     assert _our_proc_timers() == 0
 
 
@@ -171,7 +182,7 @@ def test_samples_carry_the_stack_line_and_weight(native: ModuleType) -> None:
     total = sum(s[3] for s in samples)
     assert armed_cpu[0] - 2 * period_ns - 20_000_000 <= total <= armed_cpu[0] + period_ns
     assert native.stats()["samples"] == len(samples)
-    assert native.active_timers() == 0
+    assert native.armed_timers() == 0
 
 
 def test_full_ring_drops_and_counts(native: ModuleType) -> None:
@@ -416,14 +427,17 @@ def test_blocking_io_is_not_disturbed(native: ModuleType, tmp_path: Any) -> None
 # --------------------------------------------------------------------------- lifecycle
 
 
-def test_threads_that_die_armed_do_not_leak_timers(native: ModuleType) -> None:
+def test_threads_that_exit_do_not_leak_timers(native: ModuleType) -> None:
+    """A thread's timer outlives disarm_thread() but not the thread, armed or disarmed."""
     native.start(999)
 
-    def armed_and_gone() -> None:
+    def armed_and_gone(disarm: bool) -> None:
         native.arm_thread(9)
         burst(0.005)
+        if disarm:
+            native.disarm_thread()
 
-    threads = [threading.Thread(target=armed_and_gone) for _ in range(20)]
+    threads = [threading.Thread(target=armed_and_gone, args=(i % 2 == 0,)) for i in range(20)]
     for t in threads:
         t.start()
     for t in threads:
@@ -434,6 +448,7 @@ def test_threads_that_die_armed_do_not_leak_timers(native: ModuleType) -> None:
     while native.active_timers() and time.monotonic() < deadline:
         time.sleep(0.001)
     assert native.active_timers() == 0
+    assert native.armed_timers() == 0
     assert _our_proc_timers() == 0
 
 
@@ -442,11 +457,100 @@ def test_arm_twice_only_changes_the_token(native: ModuleType) -> None:
     native.arm_thread(1)
     native.arm_thread(2)
     assert native.active_timers() == 1
+    assert native.armed_timers() == 1
     burst(0.1)
     native.disarm_thread()
     native.disarm_thread()
-    assert native.active_timers() == 0
+    assert native.armed_timers() == 0
+    assert native.active_timers() == 1  # kept for the next arm_thread(); stop() deletes it
     assert {s[0] for s in native.drain()} == {2}
+    stats = native.stats()
+    assert (stats["timers_active"], stats["timers_armed"]) == (1, 0)
+
+
+def test_disarm_keeps_the_timer_but_stops_its_signals(native: ModuleType) -> None:
+    """Per-request arm/disarm reuses one timer; a disarmed thread burning CPU gets no signal."""
+    native.start(999)
+    native.arm_thread(1)
+    assert native.armed_timers() == 1
+    ids = _our_proc_timer_ids()
+    assert len(ids) == 1
+    burst(0.05)
+    native.disarm_thread()
+    assert native.drain()
+    signals = native.stats()["signals_received"]
+    burst(0.2)  # ~200 deadlines at 999 Hz if the timer were still running
+    # at most one stray: a deadline that expired just before the disarm
+    assert native.stats()["signals_received"] - signals <= 1
+    assert native.drain() == []
+    assert _our_proc_timer_ids() == ids
+    for token in range(2, 50):
+        native.arm_thread(token)
+        assert native.armed_timers() == 1
+        native.disarm_thread()
+        assert native.armed_timers() == 0
+    assert _our_proc_timer_ids() == ids  # the same timer, neither deleted nor re-created
+    assert native.active_timers() == 1
+    native.stop()
+    assert native.active_timers() == 0
+    assert _our_proc_timers() == 0
+
+
+def scoped_work(seconds: float) -> int:
+    """CPU burnt while armed (in test_short_scopes_are_sampled_in_proportion)."""
+    return burst(seconds)
+
+
+def unscoped_work(seconds: float) -> int:
+    """CPU burnt while disarmed (in test_short_scopes_are_sampled_in_proportion)."""
+    return burst(seconds)
+
+
+def test_short_scopes_are_sampled_in_proportion(native: ModuleType) -> None:
+    """Thousands of scopes far shorter than the period, with as much CPU between them.
+
+    The countdown and the CPU consumed since the last sample carry over from each disarm to
+    the next arm, and the unscoped CPU in between counts for neither: the deadlines and the
+    weights match the scoped CPU and no sample lands outside a scope.
+    """
+    hz = 99
+    native.start(hz)
+    armed_cpu: list[int] = []
+
+    def worker() -> None:
+        total = 0
+        wall_end = time.monotonic() + 10.0
+        while total < 800_000_000 and time.monotonic() < wall_end:
+            t0 = time.thread_time_ns()
+            native.arm_thread(5)
+            scoped_work(0.0005)
+            native.disarm_thread()
+            total += time.thread_time_ns() - t0
+            unscoped_work(0.0005)
+        armed_cpu.append(total)
+
+    run_in_thread(worker)
+    samples = native.drain()
+    stats = native.stats()
+    expected = hz * armed_cpu[0] / 1e9
+    weight = sum(s[3] for s in samples)
+    print(
+        f"python {sys.version_info[:2]}: {len(samples)} samples, expected {expected:.0f}, "
+        f"weight {weight / 1e9:.3f}s of {armed_cpu[0] / 1e9:.3f}s armed CPU; {stats}"
+    )
+    for s in samples:
+        names = {f[0] for f in s[5]}
+        assert "unscoped_work" not in names, names
+    assert sum("scoped_work" in {f[0] for f in s[5]} for s in samples) >= 0.8 * len(samples)
+    # A deadline that comes due in a scope fires on a scheduler tick inside a later scope
+    # (ticks fall in scoped CPU half the time here), and deadlines passing meanwhile merge
+    # into that signal: counted as overruns, their CPU in its weight.
+    deadlines = len(samples) + stats["overruns"]
+    assert abs(deadlines - expected) <= 0.30 * expected
+    assert len(samples) >= 0.4 * expected
+    assert abs(weight - armed_cpu[0]) <= 0.30 * armed_cpu[0]
+    # signals in the unscoped CPU (as much as the scoped) would be about as many as samples
+    assert stats["skipped_not_armed"] <= max(5, len(samples) // 4), stats
 
 
 @pytest.mark.slow
@@ -498,6 +602,7 @@ def test_start_stop_arm_disarm_cycling(native: ModuleType) -> None:
     assert cycles["armed"] > 100
     native.stop()
     assert native.active_timers() == 0
+    assert native.armed_timers() == 0
     assert _our_proc_timers() == 0
 
 

@@ -13,6 +13,12 @@ the same one); a random gap spreads each sample's phase over a whole period. Eac
 ``cpu_ns`` is the CPU time its thread really consumed, while armed, since its previous
 sample, so a run's weights add up to the thread's armed CPU time.
 
+:func:`arm_thread` and :func:`disarm_thread` run once per request, so only a thread's first
+:func:`arm_thread` (after each :func:`start`) creates its timer; :func:`disarm_thread` parks
+it (one ``timer_settime``, whose old value also gives the CPU clock), the next
+:func:`arm_thread` re-arms it (one ``timer_settime``), and it is deleted when the thread
+exits or by :func:`stop` - which the engine calls once no scope has been open for a while.
+
 Usage::
 
     from otlp_middleware.profiling import _cpu_native
@@ -71,13 +77,16 @@ def arm_thread(token: int) -> None:
     """Sample the calling thread; its samples carry ``token``. Calling it again only
     changes the token. The countdown left at the last :func:`disarm_thread` carries over, and
     so does the CPU time consumed armed since the last sample (it weighs the next sample);
-    a thread's first arming starts at a random phase.
+    a thread's first arming starts at a random phase. The first call of a thread (since
+    :func:`start`) creates its timer; later ones re-arm it (one ``timer_settime``).
 
     Raises RuntimeError when the sampler is not started.
     """
 
 def disarm_thread() -> None:
-    """Stop sampling the calling thread and delete its timer (no-op if not armed)."""
+    """Stop sampling the calling thread (no-op if not armed). Its timer is disarmed, not
+    deleted: it goes when the thread exits or at :func:`stop`. A signal already on its way
+    is ignored (counted in ``skipped_not_armed``) and does not re-arm the timer."""
 
 def add_root(frame: FrameType, token: int) -> None:
     """Register a coroutine's frame (``coro.cr_frame``): a sample whose stack holds it
@@ -91,12 +100,17 @@ def drain() -> list[Sample]:
     """Take every sample recorded so far (oldest first)."""
 
 def stats() -> dict[str, int]:
-    """Counters: samples, dropped (ring full), timers_active, signals_received,
+    """Counters: samples, dropped (ring full), timers_active (as :func:`active_timers`),
+    timers_armed (as :func:`armed_timers`), signals_received,
     skipped_no_python, skipped_no_thread_state, skipped_not_armed, function_table_full,
     truncated, overruns, roots, started, signal."""
 
 def active_timers() -> int:
-    """The number of timers currently created by this module."""
+    """The number of timers this module's threads have (armed or disarmed): what
+    ``/proc/self/timers`` lists. Zero after :func:`stop`."""
+
+def armed_timers() -> int:
+    """The number of those timers currently armed (threads inside a scope)."""
 
 def _after_fork_child() -> None:
     """Reset all state in a forked child: timers are not inherited by ``fork()``."""

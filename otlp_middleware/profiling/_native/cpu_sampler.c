@@ -68,6 +68,24 @@
  * Disarm keeps the remaining countdown and the CPU consumed since the last sample; the next
  * arm_thread() of the same thread continues from both, so a thread that runs many short
  * scopes is sampled as if it had stayed armed.
+ *
+ * Timer lifetime
+ * --------------
+ * arm/disarm run once per request, so they only arm and disarm: a thread's timer is created
+ * by its first arm_thread() (after each start()) and deleted when the thread exits (a
+ * pthread key destructor) or by stop(); the engine calls stop() once no scope has been open
+ * for a while.  Each call is one timer_settime() and no clock read (a thread CPU clock read
+ * is a system call as costly as timer_settime): disarm_thread() "parks" the timer PARK_NS
+ * (~18 minutes) of CPU ahead; the old value it returns, the countdown to the expiry set at
+ * tl_deadline_ns, gives the CPU clock (tl_deadline_ns - countdown), hence the parked expiry
+ * exactly; arm_thread() sets the new expiry relative to the kernel's clock sample, and the
+ * old value it returns, the countdown to the parked expiry, gives that sample.  The clock is
+ * read only when the expiry is not known exactly: a deadline that came due while armed and
+ * waits for its tick (it stays due: re-armed 1 ns ahead), after set_frequency(), or when a
+ * parked timer expired.  A parked timer that expires, or a signal already on its way when
+ * the thread disarms, finds tl_armed == 0: the handler counts it (skipped_not_armed) and
+ * leaves the timer disarmed.  active_timers() counts the timers that exist (what
+ * /proc/self/timers lists), armed_timers() those armed.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -121,6 +139,7 @@
 #define ROOT_CAP 4096
 #define TIMER_CAP 4096
 #define MAX_CAPACITY (1u << 20)
+#define PARK_NS (1LL << 40)     /* a disarmed timer's expiry: ~18 CPU-minutes ahead */
 
 typedef struct {
     uint32_t func;
@@ -158,6 +177,7 @@ typedef struct {
 
 typedef struct {
     int used;
+    int armed; /* changed by its thread (GIL), or under g_timer_lock by stop/thread exit */
     pid_t tid;
     timer_t timer;
 } tslot_t;
@@ -187,7 +207,11 @@ static _Atomic int g_roots_hwm;
 static int g_n_roots;
 
 static tslot_t g_timers[TIMER_CAP];
-static int g_timers_active;
+static int g_timers_active;       /* timers that exist (under g_timer_lock) */
+static _Atomic int g_timers_armed; /* of those, the ones currently armed */
+/* bumped by rearm_all() after it re-armed timers on relative expiries: a thread whose
+ * recorded epoch is older cannot trust its timer's expiry to be tl_deadline_ns */
+static _Atomic unsigned g_rearm_epoch;
 static pthread_mutex_t g_timer_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t g_key;
 
@@ -209,6 +233,16 @@ static TLS int64_t tl_deadline_ns;  /* the deadline the timer is armed for */
 static TLS int64_t tl_last_ns;      /* CPU clock at the last sample (or at arm) */
 static TLS int64_t tl_banked_ns;    /* CPU consumed while armed before tl_last_ns, unsampled */
 static TLS int64_t tl_sched_period; /* the period tl_deadline_ns was drawn with */
+/* the kernel's expiry of tl_timer is exactly tl_deadline_ns (set with TIMER_ABSTIME), as of
+ * rearm epoch tl_exact_epoch: disarm then derives the CPU clock from the remaining time */
+static TLS int tl_exact;
+static TLS unsigned tl_exact_epoch;
+/* disarm parks the timer PARK_NS of CPU ahead: tl_park_ns is that expiry on the thread's
+ * CPU clock when known exactly (0 otherwise), so the next arm_thread() learns the clock from
+ * the old value its timer_settime returns */
+static TLS int64_t tl_park_ns;
+static TLS volatile int tl_arming;       /* arm_thread() between its timer_settime and tl_armed */
+static TLS volatile int tl_fired_arming; /* the timer fired in that window */
 
 /* drain-side caches (GIL) */
 static PyObject **g_func_objs; /* FUNC_CAP entries: (name, filename, first_line) */
@@ -494,7 +528,13 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     if (!atomic_load_explicit(&g_enabled, memory_order_acquire)) {
         goto out;
     }
-    if (!tl_armed) {
+    if (!tl_armed || tl_gen != g_gen) {
+        /* a stray signal: the timer expired just before disarm_thread() (or stop()) and
+         * the signal came after, or a parked timer expired; the timer stays disarmed (no
+         * re-arm at "out").  Inside arm_thread(), the expiry is remembered: arm re-arms. */
+        if (tl_arming) {
+            tl_fired_arming = 1;
+        }
         atomic_fetch_add_explicit(&st_not_armed, 1, memory_order_relaxed);
         goto out;
     }
@@ -577,6 +617,10 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     }
 out:
     if (rearm && tl_has_timer) {
+        /* the epoch is read before the timer is set: a rearm_all() in between bumps it
+         * after its own timer_settime, so disarm then does not trust the expiry */
+        tl_exact_epoch = atomic_load_explicit(&g_rearm_epoch, memory_order_acquire);
+        tl_exact = 1;
         set_deadline(tl_timer, tl_deadline_ns);
     }
     atomic_fetch_sub_explicit(&g_in_handler, 1, memory_order_acq_rel);
@@ -594,7 +638,7 @@ static int set_timer(timer_t t, int64_t first_ns)
     return timer_settime(t, 0, &its, NULL);
 }
 
-/* pthread key destructor: a thread that exits while armed deletes its own timer. */
+/* pthread key destructor: a thread that exits with a timer (armed or not) deletes it. */
 static void on_thread_exit(void *value)
 {
     int i = (int)(intptr_t)value - 1;
@@ -605,6 +649,10 @@ static void on_thread_exit(void *value)
     if (i >= 0 && i < TIMER_CAP && g_timers[i].used && g_timers[i].tid == me) {
         timer_delete(g_timers[i].timer);
         g_timers[i].used = 0;
+        if (g_timers[i].armed) {
+            g_timers[i].armed = 0;
+            atomic_fetch_sub(&g_timers_armed, 1);
+        }
         g_timers_active--;
     }
     pthread_mutex_unlock(&g_timer_lock);
@@ -619,9 +667,11 @@ static void delete_all_timers(int really)
                 timer_delete(g_timers[i].timer);
             }
             g_timers[i].used = 0;
+            g_timers[i].armed = 0;
         }
     }
     g_timers_active = 0;
+    atomic_store(&g_timers_armed, 0);
     pthread_mutex_unlock(&g_timer_lock);
 }
 
@@ -704,8 +754,25 @@ static void reset_after_fork(void)
     tl_slot = -1;
 }
 
+/* Set in a forked child by the pthread_atfork() handler (fork() and os.fork() run it). */
+static volatile sig_atomic_t g_forked;
+
+static void on_fork_child(void) { g_forked = 1; }
+
+/* The per-request calls (arm/disarm) only look at the atfork flag: getpid() is a system
+ * call (glibc caches no pid), a noticeable part of their cost. */
+static inline void check_fork_fast(void)
+{
+    if (g_forked) {
+        g_forked = 0;
+        reset_after_fork();
+    }
+}
+
+/* The other calls also compare the pid, for a child made without the atfork handlers. */
 static inline void check_fork(void)
 {
+    check_fork_fast();
     if (g_pid != 0 && getpid() != g_pid) {
         reset_after_fork();
     }
@@ -731,7 +798,9 @@ static int period_from_hz(PyObject *hz_obj, int64_t *period)
 }
 
 /* A new period for every armed timer: each gets a first expiry uniform in [0.5, 1.5) of the
- * new period; its thread's handler then notices the new period and draws a fresh schedule. */
+ * new period; its thread's handler then notices the new period and draws a fresh schedule.
+ * Disarmed timers stay disarmed: their next arm_thread() sees the new period and starts at a
+ * random phase.  Runs with the GIL, so no thread arms or disarms meanwhile. */
 static void rearm_all(int64_t period)
 {
     static uint64_t seed;
@@ -740,11 +809,12 @@ static void rearm_all(int64_t period)
         seed = (uint64_t)now_ns(CLOCK_MONOTONIC);
     }
     for (int i = 0; i < TIMER_CAP; i++) {
-        if (g_timers[i].used) {
+        if (g_timers[i].used && g_timers[i].armed) {
             seed = splitmix64(seed);
             set_timer(g_timers[i].timer, scale(seed, period - period / 2, period));
         }
     }
+    atomic_fetch_add_explicit(&g_rearm_epoch, 1, memory_order_release); /* after the sets */
     pthread_mutex_unlock(&g_timer_lock);
 }
 
@@ -869,27 +939,15 @@ static PyObject *py_set_frequency(PyObject *self, PyObject *hz_obj)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
+/* Create the calling thread's timer (disarmed) and register it; -1 with an exception set. */
+static int create_thread_timer(void)
 {
-    long long token = PyLong_AsLongLong(token_obj);
-    if (token == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    check_fork();
-    if (!g_started) {
-        PyErr_SetString(PyExc_RuntimeError, "the native CPU sampler is not started");
-        return NULL;
-    }
-    tl_token = token;
-    if (tl_slot >= 0 && tl_gen == g_gen) { /* already armed: only the token changes */
-        tl_armed = 1;
-        Py_RETURN_NONE;
-    }
     clockid_t clk;
     int err = pthread_getcpuclockid(pthread_self(), &clk);
     if (err != 0) {
         errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     struct sigevent sev;
     memset(&sev, 0, sizeof(sev));
@@ -898,13 +956,15 @@ static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
     sev.sigev_notify_thread_id = my_tid();
     timer_t timer;
     if (timer_create(clk, &sev, &timer) != 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     int slot = -1;
     pthread_mutex_lock(&g_timer_lock);
     for (int i = 0; i < TIMER_CAP; i++) {
         if (!g_timers[i].used) {
             g_timers[i].used = 1;
+            g_timers[i].armed = 0;
             g_timers[i].tid = my_tid();
             g_timers[i].timer = timer;
             g_timers_active++;
@@ -915,17 +975,54 @@ static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
     pthread_mutex_unlock(&g_timer_lock);
     if (slot < 0) {
         timer_delete(timer);
-        PyErr_SetString(PyExc_RuntimeError, "too many threads armed at once");
-        return NULL;
+        PyErr_SetString(PyExc_RuntimeError, "too many threads with a timer at once");
+        return -1;
     }
+    tl_armed = 0;
     tl_slot = slot;
     tl_gen = g_gen;
     tl_timer = timer;
+    tl_exact = 0;
     tl_has_timer = 1;
+    /* the key's destructor deletes the timer when the thread exits */
     pthread_setspecific(g_key, (void *)(intptr_t)(slot + 1));
+    return 0;
+}
+
+static inline int64_t ts_to_ns(struct timespec ts)
+{
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* arm_thread(): the first call of a thread (or the first since start()) creates its timer;
+ * later calls find it parked by disarm_thread() and arm it with one timer_settime(), whose
+ * old value (the countdown to the parked expiry, known exactly) gives the CPU clock: no
+ * clock read.  The timer lives until the thread exits or stop(). */
+static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
+{
+    long long token = PyLong_AsLongLong(token_obj);
+    if (token == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    check_fork_fast();
+    if (!g_started) {
+        PyErr_SetString(PyExc_RuntimeError, "the native CPU sampler is not started");
+        return NULL;
+    }
+    tl_token = token;
+    int have_timer = tl_has_timer && tl_slot >= 0 && tl_gen == g_gen;
+    if (have_timer && tl_armed) { /* already armed: only the token changes */
+        Py_RETURN_NONE;
+    }
+    if (!have_timer) {
+        if (create_thread_timer() < 0) {
+            return NULL;
+        }
+        tl_park_ns = 0;
+    }
     int64_t period = atomic_load(&g_period_ns);
-    int64_t now = now_ns(CLOCK_THREAD_CPUTIME_ID);
     int64_t first;
+    int fresh = 0;
     if (tl_remaining_gen == g_gen && tl_sched_period == period &&
         tl_remaining_ns <= 2 * period) {
         /* the countdown left when the thread last disarmed, and the CPU it consumed armed
@@ -941,59 +1038,135 @@ static PyObject *py_arm_thread(PyObject *self, PyObject *token_obj)
             tl_rng = 1;
         }
         first = scale(tl_random(), 1, period);
-        /* weigh the first sample as if the previous one came a period before its deadline */
-        tl_banked_ns = period - first;
+        fresh = 1;
     }
-    tl_sched_period = period;
-    tl_deadline_ns = now + first;
-    tl_last_ns = now;
-    atomic_signal_fence(memory_order_seq_cst); /* the schedule is set before the handler runs */
-    tl_armed = 1;
-    if (set_timer(timer, first > 0 ? first : 1) != 0) {
+    int rc;
+    int64_t now = -1;
+    /* GIL held: no rearm_all() runs until this thread releases it */
+    unsigned epoch = atomic_load(&g_rearm_epoch);
+    if (tl_park_ns > 0) {
+        /* Parked: arm relative to the kernel's own clock sample, which is also the one the
+         * old value is computed from (now = park - old), so the expiry is now + first
+         * exactly.  The schedule is only known after the call: a signal in between finds
+         * tl_armed == 0 and sets tl_fired_arming (handled below). */
+        struct itimerspec its, old;
+        memset(&its, 0, sizeof(its));
+        memset(&old, 0, sizeof(old));
+        its.it_value = ns_to_ts(first > 0 ? first : 1);
+        tl_fired_arming = 0;
+        tl_arming = 1;
+        atomic_signal_fence(memory_order_seq_cst);
+        rc = timer_settime(tl_timer, 0, &its, &old);
+        int64_t left = ts_to_ns(old.it_value);
+        if (rc == 0 && left > 1) {
+            now = tl_park_ns - left;
+        }
+        else if (rc == 0) { /* the parked expiry passed (or is due): the clock is unknown */
+            now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+        }
+        tl_exact = rc == 0 && left > 1 && first > 0;
+    }
+    else {
+        now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+        tl_deadline_ns = now + first;
+        tl_last_ns = now;
+        if (fresh) {
+            tl_banked_ns = period - first;
+        }
+        tl_sched_period = period;
+        tl_exact = first > 0;
+        atomic_signal_fence(memory_order_seq_cst); /* the schedule is set before the handler */
+        tl_armed = 1;
+        /* absolute, so the kernel's expiry is exactly tl_deadline_ns; a due deadline fires
+         * on the next tick (an absolute one in the past would fire inside this call) */
+        rc = first > 0 ? set_deadline(tl_timer, tl_deadline_ns) : set_timer(tl_timer, 1);
+    }
+    tl_park_ns = 0;
+    tl_exact_epoch = epoch;
+    if (rc != 0) {
         tl_armed = 0;
-        tl_has_timer = 0;
-        PyErr_SetFromErrno(PyExc_OSError);
-        pthread_mutex_lock(&g_timer_lock);
-        timer_delete(timer);
-        g_timers[slot].used = 0;
-        g_timers_active--;
-        pthread_mutex_unlock(&g_timer_lock);
-        tl_slot = -1;
-        pthread_setspecific(g_key, NULL);
-        return NULL;
+        tl_arming = 0;
+        return PyErr_SetFromErrno(PyExc_OSError); /* the timer stays, disarmed */
     }
+    if (!tl_armed) { /* the parked path: set the schedule, then mark armed */
+        tl_deadline_ns = now + first;
+        tl_last_ns = now;
+        if (fresh) {
+            /* weigh the first sample as if the previous one came a period before its
+             * deadline */
+            tl_banked_ns = period - first;
+        }
+        tl_sched_period = period;
+        atomic_signal_fence(memory_order_seq_cst);
+        tl_armed = 1;
+        atomic_signal_fence(memory_order_seq_cst);
+        tl_arming = 0;
+        if (tl_fired_arming) { /* a one-shot that fired unhandled: fire again on the next tick */
+            tl_fired_arming = 0;
+            tl_exact = 0;
+            set_timer(tl_timer, 1);
+        }
+    }
+    g_timers[tl_slot].armed = 1;
+    atomic_fetch_add(&g_timers_armed, 1);
     Py_RETURN_NONE;
 }
 
+/* disarm_thread(): one timer_settime() that parks the timer PARK_NS of CPU ahead (a timer
+ * that expires after that much unscoped CPU sends one stray signal, ignored); the timer and
+ * its slot stay. */
 static PyObject *py_disarm_thread(PyObject *self, PyObject *unused)
 {
-    check_fork();
-    tl_armed = 0;
-    atomic_signal_fence(memory_order_seq_cst); /* the handler no longer touches the schedule */
-    if (tl_has_timer && tl_gen == g_gen) {
-        /* keep the CPU consumed since the last sample and the countdown to the next deadline
-         * (<= 0 when it is due but its tick has not come) for the next arm_thread() */
-        int64_t now = now_ns(CLOCK_THREAD_CPUTIME_ID);
-        tl_banked_ns += now - tl_last_ns;
-        tl_last_ns = now;
-        tl_remaining_ns = tl_deadline_ns - now;
-        tl_remaining_gen = g_gen;
-    }
-    tl_has_timer = 0;
-    if (tl_slot < 0 || tl_gen != g_gen) {
-        tl_slot = -1;
+    check_fork_fast();
+    if (!tl_armed || !tl_has_timer || tl_slot < 0 || tl_gen != g_gen) {
+        tl_armed = 0; /* not armed, or armed before a stop(): its timer is gone */
         Py_RETURN_NONE;
     }
-    pthread_mutex_lock(&g_timer_lock);
-    tslot_t *t = &g_timers[tl_slot];
-    if (t->used && t->tid == my_tid()) {
-        timer_delete(t->timer);
-        t->used = 0;
-        g_timers_active--;
+    tl_armed = 0;
+    atomic_signal_fence(memory_order_seq_cst); /* the handler no longer touches the schedule */
+    struct itimerspec park, old;
+    memset(&park, 0, sizeof(park));
+    memset(&old, 0, sizeof(old));
+    int64_t now = -1;
+    tl_park_ns = 0;
+    if (tl_exact && tl_exact_epoch == atomic_load(&g_rearm_epoch)) {
+        /* The old value is the countdown to the expiry, which is tl_deadline_ns: the CPU
+         * clock the kernel sampled is tl_deadline_ns - remaining, and the parked expiry
+         * that clock + PARK_NS, without reading the clock here.  A deadline that came due
+         * while armed (its tick not yet come) reads 1 ns, a fired one 0: then the clock is
+         * read, so the due deadline stays due (remaining <= 0). */
+        park.it_value = ns_to_ts(PARK_NS);
+        if (timer_settime(tl_timer, 0, &park, &old) == 0) {
+            int64_t remaining = ts_to_ns(old.it_value);
+            if (remaining > 1 && tl_deadline_ns - remaining >= tl_last_ns) {
+                now = tl_deadline_ns - remaining;
+                tl_park_ns = now + PARK_NS;
+            }
+        }
+        if (now < 0) {
+            now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+        }
     }
-    pthread_mutex_unlock(&g_timer_lock);
-    tl_slot = -1;
-    pthread_setspecific(g_key, NULL);
+    else {
+        /* The expiry is not tl_deadline_ns: a due deadline armed to fire on the next tick, or
+         * a set_frequency() re-arm.  Read the clock and park at an absolute expiry, so the
+         * next arm_thread() still needs no clock read. */
+        now = now_ns(CLOCK_THREAD_CPUTIME_ID);
+        park.it_value = ns_to_ts(now + PARK_NS);
+        if (timer_settime(tl_timer, TIMER_ABSTIME, &park, NULL) == 0) {
+            tl_park_ns = now + PARK_NS;
+        }
+    }
+    /* keep the CPU consumed since the last sample and the countdown to the next deadline
+     * (<= 0 when it is due but its tick has not come) for the next arm_thread() */
+    tl_banked_ns += now - tl_last_ns;
+    tl_last_ns = now;
+    tl_remaining_ns = tl_deadline_ns - now;
+    tl_remaining_gen = g_gen;
+    if (g_timers[tl_slot].armed) {
+        g_timers[tl_slot].armed = 0;
+        atomic_fetch_sub(&g_timers_armed, 1);
+    }
     Py_RETURN_NONE;
 }
 
@@ -1237,9 +1410,12 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_lock(&g_timer_lock);
     int active = g_timers_active;
     pthread_mutex_unlock(&g_timer_lock);
+    int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisKsKsKsKsKsKsKsisisi}", "samples", (unsigned long long)atomic_load(&st_samples),
-        "dropped", (unsigned long long)atomic_load(&st_dropped), "timers_active", active,
+        "{sKsKsisisKsKsKsKsKsKsKsisisi}", "samples",
+        (unsigned long long)atomic_load(&st_samples), "dropped",
+        (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
+        armed,
         "signals_received", (unsigned long long)atomic_load(&st_signals), "skipped_no_python",
         (unsigned long long)atomic_load(&st_no_python), "skipped_no_thread_state",
         (unsigned long long)atomic_load(&st_no_tstate), "skipped_not_armed",
@@ -1257,6 +1433,12 @@ static PyObject *py_active_timers(PyObject *self, PyObject *unused)
     int active = g_timers_active;
     pthread_mutex_unlock(&g_timer_lock);
     return PyLong_FromLong(active);
+}
+
+static PyObject *py_armed_timers(PyObject *self, PyObject *unused)
+{
+    check_fork();
+    return PyLong_FromLong(atomic_load(&g_timers_armed));
 }
 
 static PyObject *py_is_started(PyObject *self, PyObject *unused)
@@ -1284,7 +1466,8 @@ static PyMethodDef methods[] = {
      "arm_thread(token)\n--\n\nSample the calling thread's CPU time; its samples carry "
      "token. Called again, only the token changes."},
     {"disarm_thread", py_disarm_thread, METH_NOARGS,
-     "disarm_thread()\n--\n\nStop sampling the calling thread and delete its timer."},
+     "disarm_thread()\n--\n\nStop sampling the calling thread; its timer is disarmed, not "
+     "deleted (it goes at thread exit or stop())."},
     {"add_root", py_add_root, METH_VARARGS,
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
      "root_tokens."},
@@ -1296,7 +1479,10 @@ static PyMethodDef methods[] = {
      "(name, filename, first_line, line)."},
     {"stats", py_stats, METH_NOARGS, "stats()\n--\n\nCounters of the sampler."},
     {"active_timers", py_active_timers, METH_NOARGS,
-     "active_timers()\n--\n\nThe number of timers currently created."},
+     "active_timers()\n--\n\nThe number of timers that exist (armed or not), as "
+     "/proc/self/timers lists them."},
+    {"armed_timers", py_armed_timers, METH_NOARGS,
+     "armed_timers()\n--\n\nThe number of timers currently armed."},
     {"is_started", py_is_started, METH_NOARGS, "is_started()\n--\n\nWhether start() ran."},
     {"_after_fork_child", py_after_fork_child, METH_NOARGS,
      "_after_fork_child()\n--\n\nReset all state in a forked child (timers are not "
@@ -1321,6 +1507,9 @@ PyMODINIT_FUNC PyInit__cpu_native(void)
     g_signo = SIGRTMIN + 3;
     g_pid = getpid();
     int err = pthread_key_create(&g_key, on_thread_exit);
+    if (err == 0) {
+        err = pthread_atfork(NULL, NULL, on_fork_child);
+    }
     if (err != 0) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
