@@ -360,11 +360,17 @@ def test_scope_churn_on_many_threads_leaves_nothing_behind() -> None:
     assert ENGINE.open_scopes == 0
     from otlp_middleware.profiling import _cpu_native
 
-    assert _cpu_native.active_timers() == 0
-    assert _posix_timers() == []
+    # No timer is armed outside a scope. A disarmed timer stays parked on its live thread
+    # for the next scope; the threads that ended took theirs along: only the main
+    # thread's may remain, and the kernel lists exactly the timers the module counts.
+    assert _cpu_native.armed_timers() == 0
+    assert _cpu_native.active_timers() <= 1
+    assert len(_posix_timers()) == _cpu_native.active_timers()
     # Idle between scopes, the collector thread waits; uninstall() must end it.
     assert "otlp-middleware-collector" in {t.name for t in threading.enumerate()}
     ENGINE.uninstall()
+    assert _cpu_native.active_timers() == 0
+    assert _posix_timers() == []
     assert not ENGINE.sampler_thread_running
     alive = [t.name for t in threading.enumerate() if t.name.startswith("otlp-middleware")]
     assert alive == []
