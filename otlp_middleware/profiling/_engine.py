@@ -21,16 +21,20 @@ Samples are taken by one of three tiers, chosen per thread and reported per samp
     used where the other tiers cannot run (non-main threads without the extension, or when
     signals are unavailable or SIGPROF is taken by the application).
 
-CPU weight: a SIGPROF sample stands for the main thread's CPU time since the previous tick
-(read from its CPU clock, capped at the period), so a tick that other threads earned while the
-main thread idled weighs ~0 and is dropped. Threads sampled by the sampler thread have a
-*scoped CPU clock* (their CPU clock counted only while inside a scope); each sample is weighted
-by how far it advanced, so CPU totals telescope to the exact scoped CPU time. Off-CPU (wall)
-samples, for scopes with ``include_system_calls``, are taken by the sampler thread: a blocked
-thread sits at its blocking call, which is exactly what ``sys._current_frames()`` shows.
+CPU weight: a native sample carries the CPU its thread used since its previous sample; a
+SIGPROF sample stands for the main thread's CPU time since the previous tick (read from its
+CPU clock, capped at twice the period), so a tick that other threads earned while the main
+thread idled weighs ~0 and is dropped. Threads sampled by the sampler thread have a *scoped CPU
+clock* (their CPU clock counted only while inside a scope) and each sample is weighted by how
+far it advanced, so CPU totals add up to the scoped CPU time up to the last tick (the CPU after
+it, before the scope closed, is not attributed). Both timers are jittered (mean = the period) so
+sampling cannot phase-lock with periodic work. Off-CPU (wall) samples, for scopes with
+``include_system_calls``, are taken by the sampler thread: a blocked thread sits at its
+blocking call, which is exactly what ``sys._current_frames()`` shows.
 
-Nothing runs while no scope is open: no timer, no sampler thread. After ``fork()`` the child
-starts with a clean engine (``os.register_at_fork``).
+Nothing runs while no scope is open: no timer is armed, no sampler thread wakes (the native
+sampler and its collector are torn down after a second without scopes). After ``fork()`` the
+child starts with a clean engine (``os.register_at_fork``).
 """
 
 from __future__ import annotations

@@ -119,12 +119,14 @@ class NativeTier:
         self._retire(old)
 
     def _release_native(self, scope: Scope, root: FrameType | None) -> None:
-        self.collect()  # take the closing scope's samples while its tokens are known
         tid = scope.thread_id
         if root is not None:
             self._register_root(tid, id(root), root)
         if threading.get_ident() == tid and (root is None or tid not in self._entries):
             self._rearm_thread(tid)
+        # Then take the closing scope's samples: after disarming, so the engine's own work
+        # here is not sampled into the request; replaced tokens stay known for this drain.
+        self.collect()
         decrement(self._native_periods, scope.period_ns)
         if self._native_periods and 1e9 / min(self._native_periods) != self._native_hz:
             self._native_hz = 1e9 / min(self._native_periods)

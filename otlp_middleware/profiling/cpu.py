@@ -222,7 +222,10 @@ class CpuProfiler:
             cpu_time=sum(s.cpu_ns for s in samples) / 1e9,
             sampling_frequency=self.config.sampling_frequency,
             methods=dict(scope.methods),
-            method=ENGINE.method_for(scope.thread_id),
+            # the tier that took most samples; before any, the one that would take them
+            method=max(scope.methods, key=scope.methods.__getitem__)
+            if scope.methods
+            else ENGINE.method_for(scope.thread_id),
         )
 
     def __enter__(self) -> CpuProfiler:
