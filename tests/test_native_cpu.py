@@ -740,3 +740,66 @@ def test_fork_child_can_start_and_stop(native: ModuleType, explicit_reset: bool)
     assert native.active_timers() == 1
     native.disarm_thread()
     native.stop()
+
+
+# --------------------------------------------------------------------------- fault guard
+
+CRASH_CHILD = """
+import ctypes, faulthandler, sys, time
+mode = sys.argv[1]
+if "faulthandler" in mode:
+    faulthandler.enable()
+else:
+    faulthandler.disable()
+from otlp_middleware.profiling import _cpu_native
+_cpu_native.start(999)
+_cpu_native.arm_thread(1)
+end = time.thread_time() + 0.05
+while time.thread_time() < end:   # samples are being taken: the guard has been in use
+    pass
+if "stopped" in mode:
+    _cpu_native.disarm_thread()
+    _cpu_native.stop()
+print("signals", _cpu_native.stats()["signals_received"], flush=True)
+ctypes.string_at(0)               # a genuine segfault, outside any stack walk
+print("continued", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "faulthandler", "faulthandler-stopped"])
+def test_fault_guard_does_not_swallow_a_real_crash(mode: str) -> None:
+    """The SIGSEGV/SIGBUS guard installed by start() catches faults of the stack walk only:
+    a real segfault elsewhere still kills the process with SIGSEGV, and faulthandler (when
+    enabled before start()) still reports it - while started, and after stop()."""
+    import signal
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, mode],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == -signal.SIGSEGV, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout.startswith("signals ")
+    if mode == "plain":
+        assert int(proc.stdout.split()[1]) > 0  # the sampler ran before the crash
+    assert "continued" not in proc.stdout
+    if "faulthandler" in mode:
+        assert "Fatal Python error: Segmentation fault" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert "Fatal Python error" not in proc.stderr
+
+
+def test_stats_count_guarded_walks(native: ModuleType) -> None:
+    """The fault guard's counters exist and start at zero; a normal run faults nowhere."""
+    native.start(999)
+    native.arm_thread(1)
+    burst(0.05)
+    native.disarm_thread()
+    stats = native.stats()
+    assert stats["signals_received"] > 0
+    assert stats["faults"] == 0
+    assert stats["walk_rejected"] == 0
+    assert {"faults", "walk_fallbacks", "walk_rejected"} <= stats.keys()

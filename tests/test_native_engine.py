@@ -307,19 +307,8 @@ def _async_churn(deadline: float) -> int:
     return asyncio.run(main())
 
 
-# CPython 3.11 and 3.12 publish a new C-level frame before initialising it; the native
-# handler reads it and can crash the interpreter (see test_samples_taken_while_c_calls_python).
-CFRAME_WINDOW = sys.version_info[:2] in ((3, 11), (3, 12))
-CFRAME_REASON = (
-    "native sampler bug on 3.11/3.12: the handler follows tstate->cframe->current_frame, which "
-    "_PyEval_EvalFrameDefault publishes before initialising it; a signal in that window "
-    "dereferences stack garbage and segfaults"
-)
-
-
 @pytest.mark.slow
 @needs_native
-@pytest.mark.skipif(CFRAME_WINDOW, reason=CFRAME_REASON + " (would kill the test session)")
 def test_scope_churn_on_many_threads_leaves_nothing_behind() -> None:
     """Threads (short-lived, so idents are reused) and asyncio tasks open and close scopes
     for ``STRESS_SECONDS``: no crash, and afterwards no timer, no scope, no helper thread."""
@@ -402,13 +391,13 @@ print("survived")
 
 
 @needs_native
-@pytest.mark.xfail(CFRAME_WINDOW, reason=CFRAME_REASON, strict=True)
 def test_samples_taken_while_c_calls_python_do_not_crash() -> None:
     """Signals that land while C code enters the interpreter (a generator resumed by
     ``tuple()``, a ``sorted`` key function) must not crash the process.
 
     Run in a child process: the failure mode is a segfault. On 3.11/3.12 it crashed within
-    ~2 s in every run (gdb: ``walk_stack`` reading ``f->f_code`` of an uninitialised frame
+    ~2 s in every run before the handler checked the entry-frame links and guarded its walk
+    against faults (gdb: ``walk_stack`` reading ``f->f_code`` of an uninitialised frame
     pointer while the thread was in ``_PyEval_EvalFrameDefault``'s entry code).
     """
     proc = subprocess.run(

@@ -58,13 +58,19 @@ def start(hz: float, capacity: int = 4096) -> None:
     """Install the signal handler and allocate a ring of ``capacity`` samples (rounded up
     to a power of two). Idempotent: when already started only the frequency changes.
 
+    Also installs a fault guard for SIGSEGV and SIGBUS (the actions found are kept): a fault
+    while the signal handler walks a thread's frames (a stale pointer) drops that sample and
+    counts it in ``stats()["faults"]``; any other fault is a real crash and goes, unchanged,
+    to the action found at start (faulthandler's, or the default core dump).
+
     Raises RuntimeError when the signal already has a foreign handler.
     """
 
 def stop() -> None:
     """Delete every timer (also those of threads that died armed), restore the previous
-    signal disposition, free the buffers (undrained samples are discarded) and forget every
-    root. Idempotent."""
+    signal disposition and the SIGSEGV/SIGBUS actions (where the fault guard is still the
+    current one), free the buffers (undrained samples are discarded) and forget every root.
+    Idempotent."""
 
 def is_started() -> bool:
     """Whether :func:`start` ran (and :func:`stop` has not)."""
@@ -103,7 +109,10 @@ def stats() -> dict[str, int]:
     """Counters: samples, dropped (ring full), timers_active (as :func:`active_timers`),
     timers_armed (as :func:`armed_timers`), signals_received,
     skipped_no_python, skipped_no_thread_state, skipped_not_armed, function_table_full,
-    truncated, overruns, roots, started, signal."""
+    truncated, overruns, faults (walks that faulted on a stale pointer; sample dropped),
+    walk_fallbacks (3.11/3.12: the newest C-level frame was not initialised yet, the sample
+    was taken from its caller's frame), walk_rejected (an inconsistent frame chain; sample
+    dropped), roots, started, signal."""
 
 def active_timers() -> int:
     """The number of timers this module's threads have (armed or disarmed): what

@@ -115,6 +115,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -200,7 +201,12 @@ static _Atomic int64_t g_period_ns;
 static _Atomic int g_in_handler;
 
 static _Atomic uint64_t st_samples, st_dropped, st_signals, st_no_python, st_no_tstate,
-    st_not_armed, st_func_full, st_truncated, st_overruns;
+    st_not_armed, st_func_full, st_truncated, st_overruns, st_faults, st_fallbacks,
+    st_rejected;
+
+/* the SIGSEGV/SIGBUS actions found at start() (see "Fault guard" at on_fault) */
+static struct sigaction g_old_segv, g_old_bus;
+static int g_guard_installed;
 
 static root_t g_roots[ROOT_CAP];
 static _Atomic int g_roots_hwm;
@@ -243,6 +249,10 @@ static TLS unsigned tl_exact_epoch;
 static TLS int64_t tl_park_ns;
 static TLS volatile int tl_arming;       /* arm_thread() between its timer_settime and tl_armed */
 static TLS volatile int tl_fired_arming; /* the timer fired in that window */
+/* the fault guard: set while this thread's handler reads interpreter memory; tl_jmp points
+ * at the handler's own (stack) jump buffer */
+static TLS volatile sig_atomic_t tl_walking;
+static TLS sigjmp_buf *volatile tl_jmp;
 
 /* drain-side caches (GIL) */
 static PyObject **g_func_objs; /* FUNC_CAP entries: (name, filename, first_line) */
@@ -436,84 +446,179 @@ static inline void match_root(void *key, int64_t *roots, int *n_roots)
     }
 }
 
-/* Walk the thread's Python frames, leaf first. */
-static void walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *truncated,
-                       int64_t *roots, int *n_roots)
+/* Outcome of walk_stack(). */
+#define WALK_OK 0
+#define WALK_FALLBACK 1 /* 3.11/3.12: the newest C-level frame was not initialised yet */
+#define WALK_REJECTED 2 /* the frame chain is inconsistent: the sample is dropped */
+
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+/* The frame a _PyEval_EvalFrameDefault() call starts with: on 3.12 its C-stack entry frame,
+ * on 3.11 the first frame it runs, flagged is_entry. */
+static inline int is_entry_frame(const _PyInterpreterFrame *f)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return f->owner == FRAME_OWNED_BY_CSTACK;
+#else
+    return f->is_entry;
+#endif
+}
+#endif
+
+/* Record one frame of code object co (already checked to be a code object). */
+static inline int record_frame(PyCodeObject *co, int line, void *frame_obj, frame_ref_t *frames,
+                               int *depth, int *truncated, int have_roots, int64_t *roots,
+                               int *n_roots)
+{
+    if (have_roots && frame_obj != NULL) {
+        match_root(frame_obj, roots, n_roots);
+    }
+    if (*depth < MAX_DEPTH) {
+        frames[*depth].func = intern_code(co);
+        frames[*depth].line = line;
+        (*depth)++;
+        return 1;
+    }
+    *truncated = 1;
+    return have_roots; /* beyond MAX_DEPTH, walk on only to match roots */
+}
+
+/* Walk the thread's Python frames, leaf first, into the caller's buffers.
+ *
+ * Runs under the fault guard (see "Fault guard" at on_fault): a pointer read here may be
+ * stale, and a read through it may fault; the guard then jumps back to on_signal() and the
+ * sample is dropped.  So what is read is also checked before it is trusted - a frame
+ * pointer must be aligned, a frame's code a code object, the depth bounded (MAX_WALK) - so
+ * that a stale chain is rejected, most often without faulting.
+ *
+ * 3.11/3.12: _PyEval_EvalFrameDefault() publishes its C-stack _PyCFrame (tstate->cframe =
+ * &cframe) before it sets cframe.current_frame, so a signal in that window finds stack
+ * garbage there.  Every C-level frame's chain of interpreter frames ends at an entry frame
+ * (is_entry on 3.11, the FRAME_OWNED_BY_CSTACK entry_frame on 3.12) whose previous is the
+ * current_frame of the enclosing _PyCFrame (CPython asserts this on return); the walk checks
+ * that link at every entry frame.  When the newest _PyCFrame fails it, the walk restarts
+ * from cframe->previous->current_frame (set before publication): the thread is then still
+ * in the C code that is calling into the interpreter - the callee has not run a single
+ * instruction - so the caller's stack is the true one and the sample keeps its CPU weight
+ * (counted in stats()["walk_fallbacks"]).  Dropping it instead would lose the weight of
+ * every sample that lands in that window, which on C-calls-Python-heavy code (sorted with a
+ * key, tuple(generator)) is a systematic bias.  Any other inconsistency drops the sample
+ * (stats()["walk_rejected"]). */
+static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *truncated,
+                      int64_t *roots, int *n_roots)
 {
     int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0;
     int walked = 0;
-#if PY_VERSION_HEX >= 0x030B0000
+    int status = WALK_OK;
 #if PY_VERSION_HEX >= 0x030D0000
     _PyInterpreterFrame *f = ts->current_frame;
-#else
-    _PyInterpreterFrame *f = ts->cframe != NULL ? ts->cframe->current_frame : NULL;
-#endif
     for (; f != NULL && walked < MAX_WALK; f = f->previous, walked++) {
-#if PY_VERSION_HEX >= 0x030D0000
+        if (((uintptr_t)f & (sizeof(void *) - 1)) != 0) {
+            return WALK_REJECTED;
+        }
         PyObject *ex = f->f_executable;
         if (ex == NULL || Py_TYPE(ex) != &PyCode_Type) {
             continue;
         }
+        if (f->owner == FRAME_OWNED_BY_CSTACK || _PyFrame_IsIncomplete(f)) {
+            continue;
+        }
         PyCodeObject *co = (PyCodeObject *)ex;
-#else
+        int lasti = _PyInterpreterFrame_LASTI(f);
+        int line = PyCode_Addr2Line(co, lasti * (int)sizeof(_Py_CODEUNIT));
+        if (!record_frame(co, line, (void *)f->frame_obj, frames, depth, truncated, have_roots,
+                          roots, n_roots)) {
+            break;
+        }
+    }
+#elif PY_VERSION_HEX >= 0x030B0000
+    _PyCFrame *cf = ts->cframe;    /* the C-level frame whose interpreter frames are walked */
+    _PyInterpreterFrame *f = NULL;
+restart:
+    *depth = 0;
+    *truncated = 0;
+    *n_roots = 0;
+    walked = 0;
+    if (cf == NULL || ((uintptr_t)cf & (sizeof(void *) - 1)) != 0) {
+        return cf == NULL ? status : WALK_REJECTED;
+    }
+    _PyCFrame *top = cf;
+    f = cf->current_frame;
+    while (f != NULL && walked < MAX_WALK) {
+        if (((uintptr_t)f & (sizeof(void *) - 1)) != 0 ||
+            (unsigned char)f->owner > 3 /* FRAME_OWNED_BY_CSTACK, the largest */) {
+            goto inconsistent;
+        }
+        int entry = is_entry_frame(f);
         PyCodeObject *co = f->f_code;
         if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
-            continue;
+            if (!entry) {
+                goto inconsistent; /* a Python frame always has its code object */
+            }
         }
-#endif
 #if PY_VERSION_HEX >= 0x030C0000
-        if (f->owner == FRAME_OWNED_BY_CSTACK) { /* shim/entry frames */
-            continue;
-        }
+        else if (f->owner != FRAME_OWNED_BY_CSTACK && !_PyFrame_IsIncomplete(f)) {
+#else
+        else if (!_PyFrame_IsIncomplete(f)) {
 #endif
-        if (_PyFrame_IsIncomplete(f)) {
-            continue;
-        }
-        if (have_roots && f->frame_obj != NULL) {
-            match_root((void *)f->frame_obj, roots, n_roots);
-        }
-        if (*depth < MAX_DEPTH) {
             int lasti = _PyInterpreterFrame_LASTI(f);
             int line = PyCode_Addr2Line(co, lasti * (int)sizeof(_Py_CODEUNIT));
-            frames[*depth].func = intern_code(co);
-            frames[*depth].line = line;
-            (*depth)++;
-        }
-        else {
-            *truncated = 1;
-            if (!have_roots) {
+            if (!record_frame(co, line, (void *)f->frame_obj, frames, depth, truncated,
+                              have_roots, roots, n_roots)) {
+                f = NULL; /* deep enough, no roots to match: stop (truncated is set) */
+                walked = -1;
                 break;
             }
         }
+        _PyInterpreterFrame *prev = f->previous;
+        if (entry) {
+            _PyCFrame *outer = cf->previous;
+            if (outer != NULL && ((uintptr_t)outer & (sizeof(void *) - 1)) != 0) {
+                goto inconsistent;
+            }
+            if (prev != (outer != NULL ? outer->current_frame : NULL)) {
+                goto inconsistent;
+            }
+            cf = outer;
+        }
+        f = prev;
+        walked++;
     }
+    if (walked == -1) {
+        return status;
+    }
+    goto done;
+inconsistent:
+    if (cf == top && status == WALK_OK && top->previous != NULL) {
+        /* the newest C-level frame is not initialised: walk from its caller's frame */
+        status = WALK_FALLBACK;
+        cf = top->previous;
+        goto restart;
+    }
+    *depth = 0;
+    return WALK_REJECTED;
+done:
 #else /* 3.10: PyFrameObject chain */
     PyFrameObject *f = ts->frame;
     for (; f != NULL && walked < MAX_WALK; f = f->f_back, walked++) {
+        if (((uintptr_t)f & (sizeof(void *) - 1)) != 0 || Py_TYPE(f) != &PyFrame_Type) {
+            *depth = 0;
+            return WALK_REJECTED;
+        }
         PyCodeObject *co = f->f_code;
         if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
             continue;
         }
-        if (have_roots) {
-            match_root((void *)f, roots, n_roots);
-        }
-        if (*depth < MAX_DEPTH) {
-            int line = f->f_lasti < 0 ? co->co_firstlineno
-                                      : PyCode_Addr2Line(co, f->f_lasti * 2);
-            frames[*depth].func = intern_code(co);
-            frames[*depth].line = line;
-            (*depth)++;
-        }
-        else {
-            *truncated = 1;
-            if (!have_roots) {
-                break;
-            }
+        int line = f->f_lasti < 0 ? co->co_firstlineno : PyCode_Addr2Line(co, f->f_lasti * 2);
+        if (!record_frame(co, line, (void *)f, frames, depth, truncated, have_roots, roots,
+                          n_roots)) {
+            break;
         }
     }
 #endif
     if (f != NULL) {
         *truncated = 1;
     }
+    return status;
 }
 
 static void on_signal(int signo, siginfo_t *si, void *uctx)
@@ -522,7 +627,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     (void)si;
     (void)uctx;
     int saved_errno = errno;
-    int rearm = 0;
+    volatile int rearm = 0; /* read after a jump back from on_fault */
     atomic_fetch_add_explicit(&g_in_handler, 1, memory_order_acq_rel);
     atomic_fetch_add_explicit(&st_signals, 1, memory_order_relaxed);
     if (!atomic_load_explicit(&g_enabled, memory_order_acquire)) {
@@ -564,16 +669,39 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     if (passed > 1) {
         atomic_fetch_add_explicit(&st_overruns, (uint64_t)(passed - 1), memory_order_relaxed);
     }
+    frame_ref_t frames[MAX_DEPTH];
+    int64_t roots[MAX_ROOTS];
+    int depth = 0, truncated = 0, n_roots = 0;
+    /* Everything that reads interpreter memory runs between the jump point and the clearing
+     * of tl_walking: a fault there lands back here (on_fault), with nothing published - the
+     * walk writes only this frame's buffers and the lock-free function table, whose entries
+     * are copied from local buffers after every read that could fault. */
+    sigjmp_buf jb;
+    tl_jmp = &jb;
+    if (sigsetjmp(jb, 0) != 0) {
+        tl_walking = 0;
+        atomic_signal_fence(memory_order_seq_cst);
+        atomic_fetch_add_explicit(&st_faults, 1, memory_order_relaxed);
+        goto out;
+    }
+    tl_walking = 1;
+    atomic_signal_fence(memory_order_seq_cst);
     PyThreadState *ts = PyGILState_GetThisThreadState();
+    int status = ts != NULL ? walk_stack(ts, frames, &depth, &truncated, roots, &n_roots) : 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    tl_walking = 0;
+    atomic_signal_fence(memory_order_seq_cst);
     if (ts == NULL) {
         atomic_fetch_add_explicit(&st_no_tstate, 1, memory_order_relaxed);
         goto out;
     }
-
-    frame_ref_t frames[MAX_DEPTH];
-    int64_t roots[MAX_ROOTS];
-    int depth = 0, truncated = 0, n_roots = 0;
-    walk_stack(ts, frames, &depth, &truncated, roots, &n_roots);
+    if (status == WALK_REJECTED) {
+        atomic_fetch_add_explicit(&st_rejected, 1, memory_order_relaxed);
+        goto out;
+    }
+    if (status == WALK_FALLBACK) {
+        atomic_fetch_add_explicit(&st_fallbacks, 1, memory_order_relaxed);
+    }
     if (depth == 0) {
         atomic_fetch_add_explicit(&st_no_python, 1, memory_order_relaxed);
         goto out;
@@ -625,6 +753,76 @@ out:
     }
     atomic_fetch_sub_explicit(&g_in_handler, 1, memory_order_acq_rel);
     errno = saved_errno;
+}
+
+/* Fault guard
+ * -----------
+ * The handler reads another piece of code's data structures at an arbitrary instruction of
+ * the interrupted thread; however carefully it checks them (walk_stack), a pointer can be
+ * stale.  While start()ed, SIGSEGV and SIGBUS go to on_fault first: a fault on a thread whose
+ * handler is walking (tl_walking) is ours - on_fault jumps back into on_signal(), which drops
+ * the sample (stats()["faults"]) and returns to the interrupted code.  Any other fault is a
+ * real crash: on_fault puts back the action it found at start() (faulthandler's, or the
+ * default that dumps core) and returns, so the faulting instruction runs again and faults
+ * under that action; a SIGSEGV sent by kill() (no instruction to re-run) is raised again.
+ * on_fault calls only sigaction(), raise() and siglongjmp(), all async-signal-safe.  The jump
+ * leaves no lock held (the walk takes none) and no ring slot claimed (one is claimed only
+ * after the walk).  A handler someone installs after start() (e.g. faulthandler enabled
+ * later) takes precedence and, when it chains to the previous action, still reaches ours. */
+static void on_fault(int signo, siginfo_t *si, void *uctx)
+{
+    (void)uctx;
+    if (tl_walking && tl_jmp != NULL) {
+        tl_walking = 0;
+        siglongjmp(*tl_jmp, 1);
+    }
+    sigaction(signo, signo == SIGBUS ? &g_old_bus : &g_old_segv, NULL);
+    if (si == NULL || si->si_code <= 0) { /* sent by kill()/raise(): deliver it again */
+        raise(signo);
+    }
+}
+
+/* Whether on_fault is the current action for signo. */
+static int fault_guard_current(int signo)
+{
+    struct sigaction cur;
+    return sigaction(signo, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+           cur.sa_sigaction == on_fault;
+}
+
+static int install_fault_guard(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_fault;
+    /* SA_NODEFER: a real fault re-raised from on_fault is not blocked; an empty sa_mask, so
+     * the jump back (sigsetjmp without the mask) leaves the sampling handler's mask as it was */
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &g_old_segv) != 0) {
+        return -1;
+    }
+    if (sigaction(SIGBUS, &sa, &g_old_bus) != 0) {
+        sigaction(SIGSEGV, &g_old_segv, NULL);
+        return -1;
+    }
+    g_guard_installed = 1;
+    return 0;
+}
+
+/* Put back the actions found at start(), where ours is still the current one. */
+static void remove_fault_guard(void)
+{
+    if (!g_guard_installed) {
+        return;
+    }
+    if (fault_guard_current(SIGSEGV)) {
+        sigaction(SIGSEGV, &g_old_segv, NULL);
+    }
+    if (fault_guard_current(SIGBUS)) {
+        sigaction(SIGBUS, &g_old_bus, NULL);
+    }
+    g_guard_installed = 0;
 }
 
 /* ---------------------------------------------------------------- timers */
@@ -729,6 +927,9 @@ static void reset_stats(void)
     atomic_store(&st_func_full, 0);
     atomic_store(&st_truncated, 0);
     atomic_store(&st_overruns, 0);
+    atomic_store(&st_faults, 0);
+    atomic_store(&st_fallbacks, 0);
+    atomic_store(&st_rejected, 0);
 }
 
 /* In a forked child: timers were not inherited; forget them, the buffers and the handler. */
@@ -741,6 +942,7 @@ static void reset_after_fork(void)
     if (g_started) {
         sigaction(g_signo, &g_old_action, NULL);
     }
+    remove_fault_guard();
     atomic_store(&g_in_handler, 0);
     free_buffers();
     clear_caches();
@@ -879,8 +1081,15 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kwargs)
     sa.sa_sigaction = on_signal;
     sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
+    if (install_fault_guard() != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free_buffers();
+        clear_caches();
+        return NULL;
+    }
     if (sigaction(g_signo, &sa, &g_old_action) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
+        remove_fault_guard();
         free_buffers();
         clear_caches();
         return NULL;
@@ -916,6 +1125,7 @@ static PyObject *py_stop(PyObject *self, PyObject *unused)
     while (atomic_load(&g_in_handler) > 0) {
         sched_yield();
     }
+    remove_fault_guard(); /* no handler is walking any more */
     free_buffers();
     clear_caches();
     clear_roots();
@@ -1412,7 +1622,7 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_unlock(&g_timer_lock);
     int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisisKsKsKsKsKsKsKsisisi}", "samples",
+        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
         (unsigned long long)atomic_load(&st_samples), "dropped",
         (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
         armed,
@@ -1422,7 +1632,10 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
         (unsigned long long)atomic_load(&st_not_armed), "function_table_full",
         (unsigned long long)atomic_load(&st_func_full), "truncated",
         (unsigned long long)atomic_load(&st_truncated), "overruns",
-        (unsigned long long)atomic_load(&st_overruns), "roots", g_n_roots, "started",
+        (unsigned long long)atomic_load(&st_overruns), "faults",
+        (unsigned long long)atomic_load(&st_faults), "walk_fallbacks",
+        (unsigned long long)atomic_load(&st_fallbacks), "walk_rejected",
+        (unsigned long long)atomic_load(&st_rejected), "roots", g_n_roots, "started",
         g_started, "signal", g_signo);
 }
 
