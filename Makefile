@@ -27,8 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cpu.py
-	@if [ -f bench/bench_middleware.py ]; then $(BIN)/python bench/bench_middleware.py; fi
-	@if [ -f bench/bench_memory.py ]; then $(BIN)/python bench/bench_memory.py; fi
+	$(BIN)/python bench/bench_middleware.py
+	$(BIN)/python bench/bench_tiers.py
+	$(BIN)/python bench/bench_memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check otlp_middleware tests bench examples
