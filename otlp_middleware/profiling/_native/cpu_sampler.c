@@ -16,6 +16,9 @@
  * The handler allocates nothing, takes no lock and calls no Python API except pure readers
  * (PyGILState_GetThisThreadState, PyCode_Addr2Line which only scans the immutable line
  * table of a code object that the interrupted - hence suspended - frame keeps alive).
+ * It checks what it reads (walk_stack: code objects, alignment, and on 3.11/3.12 the link
+ * between each C-level frame and its caller's) and reads it under a fault guard (on_fault):
+ * a stale pointer costs one dropped sample, never the process.
  *
  * Line numbers are computed in the handler: the code object is provably alive while the
  * handler runs (its frame is on the suspended thread's stack), whereas in drain() nothing
