@@ -33,7 +33,7 @@ from ..export._batch import BatchProcessor
 from ..profiling import _offload
 from ..profiling._engine import ENGINE
 from ..profiling._scope import RateLimitedLog, Scope
-from ..profiling.cpu import CpuProfilerConfig
+from ..profiling.cpu import CpuProfilerConfig, open_cpu_scope
 from ..profiling.sampling import RequestInfo, SamplingStrategy, decide
 from ..types import AttributeScalar, ProfileRecord, SpanLink, new_profile_id
 
@@ -333,22 +333,7 @@ class RequestProfiler:
                 elif options.cpu is True and cpu is None:
                     cpu = CpuProfilerConfig()
             if cpu is not None:
-                max_ns = round(cpu.max_duration_seconds * 1e9) if cpu.max_duration_seconds else None
-                if root_frame is None:
-                    handle._cpu_scope = ENGINE.open_thread_scope(
-                        period_ns=cpu.period_ns,
-                        include_system_calls=cpu.include_system_calls,
-                        max_duration_ns=max_ns,
-                        max_depth=cpu.max_stack_depth,
-                    )
-                else:
-                    handle._cpu_scope = ENGINE.open_frame_scope(
-                        root_frame,
-                        period_ns=cpu.period_ns,
-                        include_system_calls=cpu.include_system_calls,
-                        max_duration_ns=max_ns,
-                        max_depth=cpu.max_stack_depth,
-                    )
+                handle._cpu_scope = open_cpu_scope(cpu, root_frame)
             memory = self.memory
             if options is not None and options.memory is not None:
                 memory = None if options.memory is False else options.memory

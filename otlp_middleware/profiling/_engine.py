@@ -185,16 +185,7 @@ class Engine(NativeTier):
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> Scope:
         """Profile the calling thread until ``close``."""
-        scope = Scope(
-            thread_id=threading.get_ident(),
-            root_frame=None,
-            period_ns=period_ns,
-            include_system_calls=include_system_calls,
-            max_duration_ns=max_duration_ns,
-            max_depth=max_depth,
-        )
-        self._add(scope)
-        return scope
+        return self._open_scope(None, period_ns, include_system_calls, max_duration_ns, max_depth)
 
     def open_child_scope(self, parent: Scope) -> Scope:
         """Profile the calling thread on behalf of ``parent`` (work offloaded to a thread).
@@ -226,6 +217,18 @@ class Engine(NativeTier):
         max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> Scope:
         """Profile whatever runs below ``root_frame`` on the calling thread (asyncio tasks)."""
+        return self._open_scope(
+            root_frame, period_ns, include_system_calls, max_duration_ns, max_depth
+        )
+
+    def _open_scope(
+        self,
+        root_frame: FrameType | None,
+        period_ns: int,
+        include_system_calls: bool,
+        max_duration_ns: int | None,
+        max_depth: int,
+    ) -> Scope:
         scope = Scope(
             thread_id=threading.get_ident(),
             root_frame=root_frame,

@@ -14,13 +14,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, TypeVar
 
 from ..errors import ConfigurationError, ProfilerStateError
 from ..pprof import Profile, cpu_profile
 from ..types import CpuSample
 from ._engine import ENGINE
+from ._lifecycle import ProfilerContext
 from ._scope import DEFAULT_MAX_DEPTH, Scope
 
 T = TypeVar("T")
@@ -125,7 +126,27 @@ def _task_root_frame() -> FrameType | None:
     return frame
 
 
-class CpuProfiler:
+def open_cpu_scope(config: CpuProfilerConfig, root_frame: FrameType | None = None) -> Scope:
+    """Open an engine scope for ``config``: below ``root_frame`` if given, else this thread."""
+    max_s = config.max_duration_seconds
+    max_ns = round(max_s * 1e9) if max_s else None
+    if root_frame is None:
+        return ENGINE.open_thread_scope(
+            period_ns=config.period_ns,
+            include_system_calls=config.include_system_calls,
+            max_duration_ns=max_ns,
+            max_depth=config.max_stack_depth,
+        )
+    return ENGINE.open_frame_scope(
+        root_frame,
+        period_ns=config.period_ns,
+        include_system_calls=config.include_system_calls,
+        max_duration_ns=max_ns,
+        max_depth=config.max_stack_depth,
+    )
+
+
+class CpuProfiler(ProfilerContext):
     """Samples the CPU use of the code its caller runs and renders it as pprof.
 
     Example::
@@ -160,23 +181,7 @@ class CpuProfiler:
         self._open(root_frame if root_frame is not None else _task_root_frame())
 
     def _open(self, root: FrameType | None) -> None:
-        c = self.config
-        max_ns = round(c.max_duration_seconds * 1e9) if c.max_duration_seconds else None
-        if root is None:
-            self._scope = ENGINE.open_thread_scope(
-                period_ns=c.period_ns,
-                include_system_calls=c.include_system_calls,
-                max_duration_ns=max_ns,
-                max_depth=c.max_stack_depth,
-            )
-        else:
-            self._scope = ENGINE.open_frame_scope(
-                root,
-                period_ns=c.period_ns,
-                include_system_calls=c.include_system_calls,
-                max_duration_ns=max_ns,
-                max_depth=c.max_stack_depth,
-            )
+        self._scope = open_cpu_scope(self.config, root)
         self._running = True
 
     def stop(self) -> None:
@@ -227,32 +232,6 @@ class CpuProfiler:
             if scope.methods
             else ENGINE.method_for(scope.thread_id),
         )
-
-    def __enter__(self) -> CpuProfiler:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._running:
-            self.stop()
-
-    async def __aenter__(self) -> CpuProfiler:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._running:
-            self.stop()
 
 
 def profile_sync(

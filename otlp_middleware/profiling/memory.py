@@ -51,13 +51,14 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from types import CodeType, ModuleType, TracebackType
+from types import CodeType, ModuleType
 from typing import Any
 
 from .._frames import FRAMES, truncated_marker
 from ..errors import ConfigurationError, ProfilerStateError
 from ..pprof import Profile, heap_profile
 from ..types import HeapSample
+from ._lifecycle import ProfilerContext
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +579,7 @@ class MemoryProfilerStats:
     dropped: int
 
 
-class MemoryProfiler:
+class MemoryProfiler(ProfilerContext):
     """Samples the heap allocations of the code its caller runs; renders a pprof heap profile.
 
     Started in a thread it covers that thread's context; started inside an asyncio task it
@@ -698,27 +699,3 @@ class MemoryProfiler:
             sampling_rate=self.config.sampling_rate,
             dropped=dropped,
         )
-
-    def __enter__(self) -> MemoryProfiler:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> MemoryProfiler:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
