@@ -149,6 +149,48 @@ def _comments(builder: PprofBuilder, attributes: Mapping[str, object] | None) ->
         builder.comment(f"{key}={value}")
 
 
+def cpu_builder(period_ns: int, frames: FrameTable = FRAMES) -> PprofBuilder:
+    """A builder for CPU profiles: samples/count, cpu/ns, wall/ns; period cpu/ns."""
+    return PprofBuilder(
+        CPU_SAMPLE_TYPES,
+        ("cpu", "nanoseconds"),
+        period_ns,
+        frames=frames,
+        default_sample_type="cpu",
+    )
+
+
+def heap_builder(period_bytes: int, frames: FrameTable = FRAMES) -> PprofBuilder:
+    """A builder for heap profiles: the four Go heap sample types; period space/bytes."""
+    return PprofBuilder(
+        HEAP_SAMPLE_TYPES,
+        ("space", "bytes"),
+        period_bytes,
+        frames=frames,
+        default_sample_type="inuse_space",
+    )
+
+
+def add_cpu_samples(
+    b: PprofBuilder, samples: Iterable[CpuSample], labels: Mapping[str, LabelValue]
+) -> None:
+    """Add CPU samples labelled with their thread and ``labels`` (trace, route, ...)."""
+    for s in samples:
+        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
+        lab.update(labels)
+        b.add(s.stack, (1 if s.cpu_ns or s.wall_ns else 0, s.cpu_ns, s.wall_ns), lab)
+
+
+def add_heap_samples(
+    b: PprofBuilder, samples: Iterable[HeapSample], labels: Mapping[str, LabelValue]
+) -> None:
+    """Add heap samples labelled with their thread and ``labels``."""
+    for h in samples:
+        lab: dict[str, LabelValue] = {"thread_id": h.thread_id, "thread_name": h.thread_name}
+        lab.update(labels)
+        b.add(h.stack, (h.alloc_objects, h.alloc_bytes, h.inuse_objects, h.inuse_bytes), lab)
+
+
 def cpu_profile(
     samples: Iterable[CpuSample],
     *,
@@ -164,18 +206,8 @@ def cpu_profile(
     Each sample is labelled with its ``thread_id`` (num) and ``thread_name`` (str), plus
     ``labels`` (e.g. trace_id, span_id, http.route); ``attributes`` become comments.
     """
-    b = PprofBuilder(
-        CPU_SAMPLE_TYPES,
-        ("cpu", "nanoseconds"),
-        period_ns,
-        frames=frames,
-        default_sample_type="cpu",
-    )
-    extra = dict(labels or {})
-    for s in samples:
-        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
-        lab.update(extra)
-        b.add(s.stack, (1 if s.cpu_ns or s.wall_ns else 0, s.cpu_ns, s.wall_ns), lab)
+    b = cpu_builder(period_ns, frames)
+    add_cpu_samples(b, samples, labels or {})
     _comments(b, attributes)
     return b.build(time_nanos=time_nanos, duration_nanos=duration_nanos)
 
@@ -191,17 +223,7 @@ def heap_profile(
     frames: FrameTable = FRAMES,
 ) -> Profile:
     """A heap profile with the four Go heap sample types; period space/bytes."""
-    b = PprofBuilder(
-        HEAP_SAMPLE_TYPES,
-        ("space", "bytes"),
-        period_bytes,
-        frames=frames,
-        default_sample_type="inuse_space",
-    )
-    extra = dict(labels or {})
-    for s in samples:
-        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
-        lab.update(extra)
-        b.add(s.stack, (s.alloc_objects, s.alloc_bytes, s.inuse_objects, s.inuse_bytes), lab)
+    b = heap_builder(period_bytes, frames)
+    add_heap_samples(b, samples, labels or {})
     _comments(b, attributes)
     return b.build(time_nanos=time_nanos, duration_nanos=duration_nanos)

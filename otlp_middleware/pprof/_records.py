@@ -8,10 +8,17 @@ attributes ``http.route`` and ``http.request.method``, so a merged window can st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from ..types import ProfileRecord
-from ._builder import CPU_SAMPLE_TYPES, HEAP_SAMPLE_TYPES, LabelValue, PprofBuilder
+from ._builder import (
+    LabelValue,
+    PprofBuilder,
+    add_cpu_samples,
+    add_heap_samples,
+    cpu_builder,
+    heap_builder,
+)
 from .profile_pb2 import Profile
 
 SAMPLE_LABEL_ATTRIBUTES = ("http.route", "http.request.method")
@@ -40,44 +47,18 @@ def _comments(b: PprofBuilder, record: ProfileRecord) -> None:
         b.comment(f"{key}={text}")
 
 
-def _add_cpu(b: PprofBuilder, record: ProfileRecord, labels: Mapping[str, LabelValue]) -> None:
-    for s in record.cpu_samples:
-        lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
-        lab.update(labels)
-        b.add(s.stack, (1, s.cpu_ns, s.wall_ns), lab)
-
-
-def _add_heap(b: PprofBuilder, record: ProfileRecord, labels: Mapping[str, LabelValue]) -> None:
-    for h in record.heap_samples:
-        lab: dict[str, LabelValue] = {"thread_id": h.thread_id, "thread_name": h.thread_name}
-        lab.update(labels)
-        b.add(h.stack, (h.alloc_objects, h.alloc_bytes, h.inuse_objects, h.inuse_bytes), lab)
-
-
-def _cpu_builder(period_ns: int) -> PprofBuilder:
-    return PprofBuilder(
-        CPU_SAMPLE_TYPES, ("cpu", "nanoseconds"), period_ns, default_sample_type="cpu"
-    )
-
-
-def _heap_builder(period_bytes: int) -> PprofBuilder:
-    return PprofBuilder(
-        HEAP_SAMPLE_TYPES, ("space", "bytes"), period_bytes, default_sample_type="inuse_space"
-    )
-
-
 def record_profiles(record: ProfileRecord) -> dict[str, Profile]:
     """One request as pprof: ``{"cpu": ..., "heap": ...}`` for the kinds it has samples of."""
     labels = record_labels(record)
     out: dict[str, Profile] = {}
     if record.cpu_samples:
-        b = _cpu_builder(record.cpu_period_ns)
-        _add_cpu(b, record, labels)
+        b = cpu_builder(record.cpu_period_ns)
+        add_cpu_samples(b, record.cpu_samples, labels)
         _comments(b, record)
         out["cpu"] = b.build(time_nanos=record.start_time_ns, duration_nanos=record.duration_ns)
     if record.heap_samples:
-        b = _heap_builder(record.heap_period_bytes)
-        _add_heap(b, record, labels)
+        b = heap_builder(record.heap_period_bytes)
+        add_heap_samples(b, record.heap_samples, labels)
         _comments(b, record)
         out["heap"] = b.build(time_nanos=record.start_time_ns, duration_nanos=record.duration_ns)
     return out
@@ -97,16 +78,16 @@ def merged_profiles(records: Sequence[ProfileRecord]) -> dict[str, Profile]:
     end = max(r.start_time_ns + r.duration_ns for r in window)
     cpu = [r for r in window if r.cpu_samples]
     if cpu:
-        b = _cpu_builder(max(r.cpu_period_ns for r in cpu))
+        b = cpu_builder(max(r.cpu_period_ns for r in cpu))
         for r in cpu:
-            _add_cpu(b, r, record_labels(r))
+            add_cpu_samples(b, r.cpu_samples, record_labels(r))
         b.comment(f"requests={len(cpu)}")
         out["cpu"] = b.build(time_nanos=start, duration_nanos=end - start)
     heap = [r for r in window if r.heap_samples]
     if heap:
-        b = _heap_builder(max(r.heap_period_bytes for r in heap))
+        b = heap_builder(max(r.heap_period_bytes for r in heap))
         for r in heap:
-            _add_heap(b, r, record_labels(r))
+            add_heap_samples(b, r.heap_samples, record_labels(r))
         b.comment(f"requests={len(heap)}")
         out["heap"] = b.build(time_nanos=start, duration_nanos=end - start)
     return out
