@@ -314,9 +314,6 @@ class Engine(NativeTier):
         self._release_tier(scope)
 
     # ------------------------------------------------------------------ tiers
-    def _signal_usable(self) -> bool:
-        return self._handler_installed and self._signal_refused is None
-
     def _assign_tier(self, scope: Scope) -> None:
         """Route a new scope to its tiers; arm the timer / start the sampler thread if needed.
 
