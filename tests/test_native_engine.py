@@ -586,7 +586,11 @@ def test_each_tier_on_each_thread_reports_itself(tier: str, where: str) -> None:
     expected = TIER_OF_THREAD[tier][where == "worker"]
     assert run.method == expected, run
     assert run.methods.keys() == {expected}, run
-    assert run.stacks and all("bursts_with_socket_writes" in s for s in run.stacks)
+    # Every sample is in the workload, except that the SIGPROF tier's Python handler runs at
+    # the next bytecode boundary: a tick at the very end may be handled in the profiler's
+    # __exit__, just after the workload returned.
+    outside = [s for s in run.stacks if "bursts_with_socket_writes" not in s]
+    assert run.stacks and len(outside) <= 1, outside
     if expected in EXACT:
         assert run.share >= 0.8, run
         assert abs(run.count - 99 * run.cpu) <= 0.3 * 99 * run.cpu, run
