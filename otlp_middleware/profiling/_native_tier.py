@@ -70,7 +70,7 @@ class NativeTier:
             if scope.root_frame is not None:
                 self._register_root(tid, id(scope.root_frame), scope.root_frame)
                 # A root scope needs the thread armed, not a new thread token.
-                if tid not in self._thread_tokens and threading.get_ident() == tid:
+                if threading.get_ident() == tid and not native.thread_armed():
                     self._rearm_thread(tid)
             elif threading.get_ident() == tid:
                 self._rearm_thread(tid)
@@ -92,14 +92,24 @@ class NativeTier:
 
     def _retire(self, token: int | None) -> None:
         # Samples already in the ring may carry the old token: forget it after the next drain.
-        if token is not None:
+        if token:
             self._retired_tokens.append(token)
 
     def _rearm_thread(self, tid: int) -> None:
+        """Point the calling thread's timer at its current thread scopes.
+
+        A thread without thread scopes stays armed with token 0 ("no thread scope"): the
+        handler drops its samples unless an async root is on the stack. Not disarming spares
+        every request two timer system calls; the timers go when the sampler is torn down
+        after ``IDLE_TEARDOWN`` without scopes (or with their thread).
+        """
         entry = self._entries.get(tid)
-        if entry is None:
-            self._native.disarm_thread()
-            self._retire(self._thread_tokens.pop(tid, None))
+        if entry is None or not entry.thread_scopes:
+            old = self._thread_tokens.get(tid)
+            if old != 0 or not self._native.thread_armed():
+                self._native.arm_thread(0)
+                self._thread_tokens[tid] = 0
+                self._retire(old)
             return
         token = self._new_token(tid, entry.thread_scopes)
         self._native.arm_thread(token)

@@ -205,7 +205,7 @@ static _Atomic int g_in_handler;
 
 static _Atomic uint64_t st_samples, st_dropped, st_signals, st_no_python, st_no_tstate,
     st_not_armed, st_func_full, st_truncated, st_overruns, st_faults, st_fallbacks,
-    st_rejected;
+    st_rejected, st_unowned;
 
 /* the SIGSEGV/SIGBUS actions found at start() (see "Fault guard" at on_fault) */
 static struct sigaction g_old_segv, g_old_bus;
@@ -709,6 +709,12 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
         atomic_fetch_add_explicit(&st_no_python, 1, memory_order_relaxed);
         goto out;
     }
+    if (tl_token == 0 && n_roots == 0) {
+        /* armed with token 0 (a thread between scopes, kept armed) and no root on the stack:
+         * the sample belongs to no scope */
+        atomic_fetch_add_explicit(&st_unowned, 1, memory_order_relaxed);
+        goto out;
+    }
 
     /* claim a ring slot (Vyukov bounded queue, multi-producer) */
     uint64_t pos = atomic_load_explicit(&g_head, memory_order_relaxed);
@@ -927,6 +933,7 @@ static void reset_stats(void)
     atomic_store(&st_no_python, 0);
     atomic_store(&st_no_tstate, 0);
     atomic_store(&st_not_armed, 0);
+    atomic_store(&st_unowned, 0);
     atomic_store(&st_func_full, 0);
     atomic_store(&st_truncated, 0);
     atomic_store(&st_overruns, 0);
@@ -964,8 +971,9 @@ static volatile sig_atomic_t g_forked;
 
 static void on_fork_child(void) { g_forked = 1; }
 
-/* The per-request calls (arm/disarm) only look at the atfork flag: getpid() is a system
- * call (glibc caches no pid), a noticeable part of their cost. */
+/* The per-request calls (arm/disarm, add/remove_root, drain, thread_armed) only look at the
+ * atfork flag: getpid() is a system call (glibc caches no pid), a noticeable part of their
+ * cost. */
 static inline void check_fork_fast(void)
 {
     if (g_forked) {
@@ -1395,7 +1403,7 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
                      Py_TYPE(frame)->tp_name);
         return NULL;
     }
-    check_fork();
+    check_fork_fast();
     int free_i = -1;
     int hwm = atomic_load(&g_roots_hwm);
     for (int i = 0; i < hwm; i++) {
@@ -1428,7 +1436,7 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
 
 static PyObject *py_remove_root(PyObject *self, PyObject *frame)
 {
-    check_fork();
+    check_fork_fast();
     int hwm = atomic_load(&g_roots_hwm);
     for (int i = 0; i < hwm; i++) {
         if (atomic_load(&g_roots[i].key) == (void *)frame) {
@@ -1590,7 +1598,7 @@ error:
 
 static PyObject *py_drain(PyObject *self, PyObject *unused)
 {
-    check_fork();
+    check_fork_fast();
     PyObject *out = PyList_New(0);
     if (out == NULL || !g_started || g_ring == NULL) {
         return out;
@@ -1625,14 +1633,15 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_unlock(&g_timer_lock);
     int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
+        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
         (unsigned long long)atomic_load(&st_samples), "dropped",
         (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
         armed,
         "signals_received", (unsigned long long)atomic_load(&st_signals), "skipped_no_python",
         (unsigned long long)atomic_load(&st_no_python), "skipped_no_thread_state",
         (unsigned long long)atomic_load(&st_no_tstate), "skipped_not_armed",
-        (unsigned long long)atomic_load(&st_not_armed), "function_table_full",
+        (unsigned long long)atomic_load(&st_not_armed), "skipped_unowned",
+        (unsigned long long)atomic_load(&st_unowned), "function_table_full",
         (unsigned long long)atomic_load(&st_func_full), "truncated",
         (unsigned long long)atomic_load(&st_truncated), "overruns",
         (unsigned long long)atomic_load(&st_overruns), "faults",
@@ -1655,6 +1664,12 @@ static PyObject *py_armed_timers(PyObject *self, PyObject *unused)
 {
     check_fork();
     return PyLong_FromLong(atomic_load(&g_timers_armed));
+}
+
+static PyObject *py_thread_armed(PyObject *self, PyObject *unused)
+{
+    check_fork_fast();
+    return PyBool_FromLong(g_started && tl_armed && tl_has_timer && tl_gen == g_gen);
 }
 
 static PyObject *py_is_started(PyObject *self, PyObject *unused)
@@ -1699,6 +1714,8 @@ static PyMethodDef methods[] = {
      "/proc/self/timers lists them."},
     {"armed_timers", py_armed_timers, METH_NOARGS,
      "armed_timers()\n--\n\nThe number of timers currently armed."},
+    {"thread_armed", py_thread_armed, METH_NOARGS,
+     "thread_armed()\n--\n\nWhether the calling thread's timer is armed."},
     {"is_started", py_is_started, METH_NOARGS, "is_started()\n--\n\nWhether start() ran."},
     {"_after_fork_child", py_after_fork_child, METH_NOARGS,
      "_after_fork_child()\n--\n\nReset all state in a forked child (timers are not "
