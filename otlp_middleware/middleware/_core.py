@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ..export._batch import BatchProcessor
@@ -63,9 +64,9 @@ def trace_sampled_flag(traceparent: str | None) -> bool | None:
         return None
 
 
-def current_span_link() -> SpanLink | None:
-    """The active OpenTelemetry span as a link, or None when no valid span is active."""
-    ctx = trace.get_current_span().get_span_context()
+def current_span_link(context: otel_context.Context | None = None) -> SpanLink | None:
+    """The span active in ``context`` (default: now) as a link; None if no valid span."""
+    ctx = trace.get_current_span(context).get_span_context()
     if not ctx.is_valid:
         return None
     return SpanLink(ctx.trace_id.to_bytes(16, "big"), ctx.span_id.to_bytes(8, "big"))
@@ -148,16 +149,20 @@ class RequestHandle:
         "_duration_ns",
         "_heap_period",
         "_heap_samples",
+        "_link",
         "_memory_scope",
+        "_otel_context",
         "_owner",
         "_period_ns",
         "_start_ns",
         "attributes",
-        "link",
+        "route_source",
         "status_code",
     )
 
-    def __init__(self, owner: RequestProfiler, link: SpanLink | None) -> None:
+    def __init__(
+        self, owner: RequestProfiler, otel_ctx: otel_context.Context | None = None
+    ) -> None:
         self._owner = owner
         self._cpu_scope: Scope | None = None
         self._memory_scope: Any = None
@@ -167,11 +172,25 @@ class RequestHandle:
         self._heap_samples: Sequence[Any] = ()
         self._period_ns = 0
         self._heap_period = 0
-        self._start_ns = time.time_ns()
+        self._start_ns = 0
         self._duration_ns = 0
-        self.link = link
+        # The OpenTelemetry context at the start; its span becomes the link, read only for
+        # requests that have samples to export.
+        self._otel_context = otel_ctx
+        self._link: SpanLink | bool | None = False  # False: not read yet
         self.attributes: dict[str, AttributeScalar] = {}
         self.status_code: int | None = None
+        # Called for the route only if the request has samples (adapters that can name the
+        # route cheaply at the end set it instead of an http.route attribute).
+        self.route_source: Callable[[], str | None] | None = None
+
+    @property
+    def link(self) -> SpanLink | None:
+        """The span that was active when the request's profiling began (None if none)."""
+        link = self._link
+        if link is False:
+            link = self._link = current_span_link(self._otel_context)
+        return link  # type: ignore[return-value]
 
     @property
     def cpu_scope(self) -> Scope | None:
@@ -316,7 +335,8 @@ class RequestProfiler:
         unprofiled.
         """
         try:
-            handle = RequestHandle(self, current_span_link())
+            handle = RequestHandle(self, otel_context.get_current())
+            handle._start_ns = time.time_ns()
             handle.attributes["http.request.method"] = method
             if route:
                 handle.attributes["http.route"] = route
@@ -386,9 +406,10 @@ class RequestProfiler:
         scope = handle._cpu_scope
         if scope is not None:
             ENGINE.close(scope)
-            handle._cpu_samples = tuple(scope.samples)
-            handle._period_ns = scope.period_ns
             handle._start_ns = scope.opened_ns
+            if scope.samples:
+                handle._cpu_samples = tuple(scope.samples)
+                handle._period_ns = scope.period_ns
             handle._duration_ns = scope.duration_ns
         else:
             handle._duration_ns = time.time_ns() - handle._start_ns
@@ -396,11 +417,13 @@ class RequestProfiler:
             handle._heap_samples, handle._heap_period = handle._memory_scope.close()
 
     def _emit(self, handle: RequestHandle) -> None:
-        if handle.status_code is not None:
-            handle.attributes["http.response.status_code"] = handle.status_code
         if not handle._cpu_samples and not handle._heap_samples:
             self._empty += 1
             return
+        if handle.status_code is not None:
+            handle.attributes["http.response.status_code"] = handle.status_code
+        if handle.route_source is not None and "http.route" not in handle.attributes:
+            handle.set_route(handle.route_source())
         record = ProfileRecord(
             profile_id=new_profile_id(),
             start_time_ns=handle._start_ns,

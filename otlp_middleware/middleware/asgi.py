@@ -16,7 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from ._core import RequestProfiler, RequestSlot
+from ..profiling import _offload
+from ._core import ROUTE_DECORATORS, RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
 Scope = MutableMapping[str, Any]
@@ -72,11 +73,50 @@ class ProfilingMiddleware:
         sampled = profiler.should_profile(
             method, scope.get("path", ""), headers=lambda: _headers(scope)
         )
-        handle = profiler.begin(method, root_frame=sys._getframe()) if sampled else None
-        slot = profiler.open_slot(method, handle)
-        if slot is None:
+        if ROUTE_DECORATORS["in_use"]:
+            await self._call_with_slot(scope, receive, send, method, sampled)
+            return
+        if not sampled:
             await self.app(scope, receive, send)
             return
+        # The request path of a sampled request, kept short: it runs for every one of them.
+        handle = profiler.begin(method, root_frame=sys._getframe())
+        if handle is None:
+            await self.app(scope, receive, send)
+            return
+        root_path = scope.get("root_path", "")
+        handle.route_source = lambda: _route_or_none(scope, root_path)
+        cpu = handle._cpu_scope
+        token = _offload.CURRENT_SCOPE.set(cpu) if cpu is not None else None
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                handle.status_code = message.get("status")
+            await send(message)
+            if kind == "http.response.body" and not message.get("more_body", False):
+                handle.finish()  # the response is complete (background tasks are not the request)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            handle.set_error(exc)
+            if handle.status_code is None:
+                handle.status_code = 500
+            raise
+        finally:
+            handle.finish()
+            if token is not None:
+                profiler.exit_context(token)
+
+    async def _call_with_slot(
+        self, scope: Scope, receive: Receive, send: Send, method: str, sampled: bool
+    ) -> None:
+        """The request path when route decorators are in use: they may start or skip it."""
+        profiler = self.profiler
+        handle = profiler.begin(method, root_frame=sys._getframe()) if sampled else None
+        slot = profiler.open_slot(method, handle)
+        assert slot is not None
         tokens = profiler.enter_slot(slot)
         try:
             await self._call_profiled(slot, scope, receive, send)
@@ -109,11 +149,14 @@ class ProfilingMiddleware:
             _close(slot, scope, root_path)
 
 
+def _route_or_none(scope: Scope, root_path: str) -> str | None:
+    try:
+        return route_template(scope, str(root_path))
+    except Exception:  # a route object we do not understand: no route attribute
+        return None
+
+
 def _close(slot: RequestSlot, scope: Scope, root_path: str) -> None:
     if slot.handle is None:
         return
-    try:
-        route = route_template(scope, root_path)
-    except Exception:  # a route object we do not understand: no route attribute
-        route = None
-    slot.finish(route)
+    slot.finish(_route_or_none(scope, root_path))

@@ -243,6 +243,14 @@ class Engine(NativeTier):
     def _add(self, scope: Scope) -> None:
         tid = scope.thread_id
         with self._lock:
+            if (
+                scope.root_frame is not None
+                and self._native is not None
+                and not scope.include_system_calls
+                and self._add_native_root(scope)
+            ):
+                self._open += 1
+                return
             entries = self._entries
             old = entries.get(tid)
             if old is None:
@@ -275,6 +283,9 @@ class Engine(NativeTier):
             scope.closed_ns = closed_ns
 
     def _remove(self, scope: Scope) -> None:
+        if scope.native_tier and not scope.swept and self._remove_native_root(scope):
+            self._open -= 1
+            return
         tid = scope.thread_id
         old = self._entries.get(tid)
         if old is None:

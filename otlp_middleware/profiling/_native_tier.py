@@ -34,11 +34,16 @@ def load_native() -> Any:
     return _cpu_native
 
 
+def _thread_name() -> str:
+    return threading.current_thread().name
+
+
 class NativeTier:
     """Engine methods of the native tier (state is initialised by ``init_native_state``)."""
 
     _entries: dict[int, ThreadEntry]
     _native: Any
+    _native_module: Any
     _lock: threading.Lock
     _collector: Collector | None
 
@@ -50,6 +55,10 @@ class NativeTier:
         self._retired_tokens: list[int] = []
         self._thread_tokens: dict[int, int] = {}  # tid -> current token of its thread scopes
         self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
+        # id(root frame) -> the lean root scopes on it (see ``_add_native_root``)
+        self._native_roots: dict[int, tuple[Scope, ...]] = {}
+        # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
+        self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
         self._collector = None
 
@@ -58,14 +67,8 @@ class NativeTier:
         native = self._native
         periods = self._native_periods
         periods[scope.period_ns] = periods.get(scope.period_ns, 0) + 1
-        hz = 1e9 / min(periods)
         try:
-            if not native.is_started():
-                native.start(hz, NATIVE_CAPACITY)
-                self._native_hz = hz
-            elif hz != self._native_hz:
-                native.set_frequency(hz)
-                self._native_hz = hz
+            self._native_schedule()
             tid = scope.thread_id
             if scope.root_frame is not None:
                 self._register_root(tid, id(scope.root_frame), scope.root_frame)
@@ -76,13 +79,125 @@ class NativeTier:
                 self._rearm_thread(tid)
         except RuntimeError as exc:  # e.g. the signal is taken by the application
             decrement(periods, scope.period_ns)
-            logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
-            self._native = None
+            self._native_unusable(exc)
             return False
-        if self._collector is None:
-            self._collector = Collector(self)  # type: ignore[arg-type]
-        self._collector.wake()
+        self._wake_collector()
         return True
+
+    def _add_native_root(self, scope: Scope) -> bool:
+        """The request path's case, kept lean: an async root scope only the native tier samples.
+
+        Called with the engine lock held, for a scope opened on its own thread without
+        off-CPU sampling. No other tier reads it, so it stays out of ``_entries`` (no snapshot
+        copies, no thread clock): it lives in ``_native_roots`` and behind its root token.
+        False if the native sampler cannot take it (the caller falls back).
+        """
+        root = scope.root_frame
+        assert root is not None
+        native = self._native
+        periods = self._native_periods
+        period = scope.period_ns
+        periods[period] = periods.get(period, 0) + 1
+        key = id(root)
+        roots = self._native_roots
+        group = roots.get(key)
+        try:
+            if len(periods) > 1 or 1e9 / period != self._native_hz or not native.is_started():
+                self._native_schedule()
+            if group is None and key not in self._root_tokens:
+                # The usual case: the only scope on this frame gets a token of its own.
+                token = next(self._token_counter)
+                native.add_root(root, token)
+                self._tokens[token] = (scope.thread_id, _thread_name(), (scope,))
+                self._root_tokens[key] = token
+                roots[key] = (scope,)
+            else:
+                roots[key] = (*group, scope) if group else (scope,)
+                self._register_root(scope.thread_id, key, root)
+            if not native.thread_armed():
+                self._rearm_thread(scope.thread_id)
+        except RuntimeError as exc:
+            decrement(periods, period)
+            if group:
+                roots[key] = group
+            else:
+                roots.pop(key, None)
+            self._native_unusable(exc)
+            return False
+        scope.native_tier = True
+        collector = self._collector
+        if collector is None or not collector.active:
+            self._wake_collector()
+        return True
+
+    def _remove_native_root(self, scope: Scope) -> bool:
+        """Close a scope ``_add_native_root`` took (lock held); False if it is not one."""
+        root = scope.root_frame
+        if root is None:
+            return False
+        key = id(root)
+        roots = self._native_roots
+        group = roots.get(key, ())
+        if scope not in group:
+            return False
+        scope.root_frame = None  # do not keep the coroutine's frame alive
+        tid = scope.thread_id
+        entry = self._entries.get(tid)
+        if len(group) == 1 and (entry is None or key not in entry.roots):
+            # The usual case: nothing else on this frame. Its samples are on this thread's
+            # ring entries already (the frame runs on this thread only), so after this drain
+            # no sample can carry the token: it goes at once.
+            del roots[key]
+            token = self._root_tokens.pop(key)
+            self._native_module.remove_root(root)
+            self.collect()
+            self._tokens.pop(token, None)
+        else:
+            rest = tuple(s for s in group if s is not scope)
+            if rest:
+                roots[key] = rest
+            else:
+                del roots[key]
+            self._register_root(tid, key, root)
+            # Then take the closing scope's samples; replaced tokens stay known for this drain.
+            self.collect()
+        self._release_period(scope.period_ns)
+        return True
+
+    def _native_schedule(self) -> None:
+        """Start the native sampler, or retune it, for the shortest period of its scopes."""
+        periods = self._native_periods
+        hz = 1e9 / (min(periods) if len(periods) > 1 else next(iter(periods)))
+        native = self._native
+        if not native.is_started():
+            native.start(hz, NATIVE_CAPACITY)
+            self._native_hz = hz
+        elif hz != self._native_hz:
+            native.set_frequency(hz)
+            self._native_hz = hz
+
+    def _release_period(self, period: int) -> None:
+        periods = self._native_periods
+        decrement(periods, period)
+        # Retune only when the shortest period may have changed (not for the usual single
+        # period still in use, nor when the last scope closed).
+        if (len(periods) > 1 or (periods and period not in periods)) and 1e9 / min(
+            periods
+        ) != self._native_hz:
+            self._native_hz = 1e9 / min(periods)
+            self._native_module.set_frequency(self._native_hz)
+
+    def _native_unusable(self, exc: Exception) -> None:
+        logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
+        self._native = None
+
+    def _wake_collector(self) -> None:
+        collector = self._collector
+        if collector is None:
+            self._collector = Collector(self)  # type: ignore[arg-type]
+            self._collector.wake()
+        elif not collector.active:
+            collector.wake()
 
     def _new_token(self, tid: int, scopes: tuple[Scope, ...]) -> int:
         token = next(self._token_counter)
@@ -106,26 +221,31 @@ class NativeTier:
         entry = self._entries.get(tid)
         if entry is None or not entry.thread_scopes:
             old = self._thread_tokens.get(tid)
-            if old != 0 or not self._native.thread_armed():
-                self._native.arm_thread(0)
+            if old != 0 or not self._native_module.thread_armed():
+                self._native_module.arm_thread(0)
                 self._thread_tokens[tid] = 0
                 self._retire(old)
             return
         token = self._new_token(tid, entry.thread_scopes)
-        self._native.arm_thread(token)
+        self._native_module.arm_thread(token)
         self._retire(self._thread_tokens.get(tid))
         self._thread_tokens[tid] = token
 
     def _register_root(self, tid: int, key: int, frame: FrameType | None) -> None:
+        # Re-register the root frame's token for every scope now open on it (or remove it).
         entry = self._entries.get(tid)
         group = entry.roots.get(key, ()) if entry is not None else ()
+        lean = self._native_roots.get(key)
+        if lean:
+            group += lean
         old = self._root_tokens.pop(key, None)
+        native = self._native_module
         if group:
             token = self._new_token(tid, group)
-            self._native.add_root(frame if frame is not None else group[0].root_frame, token)
+            native.add_root(frame if frame is not None else group[0].root_frame, token)
             self._root_tokens[key] = token
         elif frame is not None:
-            self._native.remove_root(frame)
+            native.remove_root(frame)
         self._retire(old)
 
     def _release_native(self, scope: Scope, root: FrameType | None) -> None:
@@ -134,13 +254,11 @@ class NativeTier:
             self._register_root(tid, id(root), root)
         if threading.get_ident() == tid and (root is None or tid not in self._entries):
             self._rearm_thread(tid)
-        # Then take the closing scope's samples: after disarming, so the engine's own work
-        # here is not sampled into the request; replaced tokens stay known for this drain.
+        # Then take the closing scope's samples: after re-pointing the thread's token, so the
+        # engine's own work here is not sampled into the request; replaced tokens stay known
+        # for this drain.
         self.collect()
-        decrement(self._native_periods, scope.period_ns)
-        if self._native_periods and 1e9 / min(self._native_periods) != self._native_hz:
-            self._native_hz = 1e9 / min(self._native_periods)
-            self._native.set_frequency(self._native_hz)
+        self._release_period(scope.period_ns)
 
     def teardown_native(self) -> None:
         """Stop the native sampler: delete every timer, restore the signal disposition.
@@ -148,7 +266,7 @@ class NativeTier:
         Called with the engine lock held, only while no native scope is open; the next
         scope starts it again.
         """
-        native = self._native
+        native = self._native_module
         if native is None or not native.is_started() or self._native_periods:
             return
         self.collect()
@@ -158,16 +276,30 @@ class NativeTier:
         self._thread_tokens.clear()
         self._root_tokens.clear()
         self._retired_tokens.clear()
+        self._native_roots.clear()
+        self._frame_ids.clear()
+
+    def _intern_frames(self, frames: tuple[tuple[str, str, int, int], ...]) -> tuple[int, ...]:
+        # The extension hands out one cached tuple per (function, line): the frame ids are
+        # cached by those tuples, so a sample's stack is a dict lookup per frame.
+        frame_ids = self._frame_ids
+        out = []
+        for f in frames:
+            fid = frame_ids.get(f)
+            if fid is None:
+                fid = frame_ids[f] = FRAMES.intern(*f)
+            out.append(fid)
+        return tuple(out)
 
     def collect(self) -> None:
         """Move the native sampler's recorded samples into their scopes (needs the GIL)."""
-        native = self._native
-        if native is None or not native.is_started():
+        native = self._native_module
+        if native is None:
             return
-        samples = native.drain()
+        samples = native.drain()  # empty when not started
         if samples:
             tokens = self._tokens
-            intern = FRAMES.intern
+            frame_ids = self._frame_ids
             max_native_depth = native.MAX_DEPTH
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
@@ -178,7 +310,10 @@ class NativeTier:
                         groups.append(g)
                 if not groups:
                     continue
-                stack = tuple(intern(n, f, first, line) for n, f, first, line in frames)
+                try:
+                    stack = tuple([frame_ids[f] for f in frames])
+                except KeyError:
+                    stack = self._intern_frames(frames)
                 if len(stack) >= max_native_depth:
                     stack += (truncated_marker(1),)
                 tid, name = groups[0][0], groups[0][1]

@@ -68,6 +68,7 @@ class Collector:
         self._engine = engine
         self._errors: RateLimitedLog = engine.errors
         self._active = threading.Event()
+        self.active = False  # mirrors _active; read and written under the engine lock
         self._stopped = False
         self._thread = threading.Thread(
             target=self._run, name="otlp-middleware-collector", daemon=True
@@ -75,8 +76,9 @@ class Collector:
         self._thread.start()
 
     def wake(self) -> None:
-        if not self._active.is_set():
-            self._active.set()
+        """Start draining (called with the engine lock held)."""
+        self.active = True
+        self._active.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -107,6 +109,7 @@ class Collector:
                     elif time.monotonic() - idle_since >= IDLE_TEARDOWN:
                         engine.teardown_native()
                         idle_since = None
+                        self.active = False
                         self._active.clear()
                 except Exception:
                     self._errors.exception("otlp_middleware: draining native samples failed")

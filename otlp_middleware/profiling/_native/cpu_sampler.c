@@ -1674,7 +1674,7 @@ static PyObject *py_thread_armed(PyObject *self, PyObject *unused)
 
 static PyObject *py_is_started(PyObject *self, PyObject *unused)
 {
-    check_fork();
+    check_fork_fast(); /* on every scope opened */
     return PyBool_FromLong(g_started);
 }
 
