@@ -274,7 +274,7 @@ def test_faults_inside_profiling_do_not_break_requests(
         raise RuntimeError("engine bug")
 
     mw2 = make(cpu_app, exporter)
-    monkeypatch.setattr(ENGINE, "open_frame_scope", broken)
+    monkeypatch.setattr(ENGINE, "open_root_scope", broken)  # the ASGI request path's call
     assert asyncio.run(asgi_get(mw2, "/x"))[-1]["body"] == b"ok"
     monkeypatch.undo()
     assert mw2.profiler.stats().faults == 1

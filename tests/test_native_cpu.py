@@ -468,6 +468,36 @@ def test_arm_twice_only_changes_the_token(native: ModuleType) -> None:
     assert (stats["timers_active"], stats["timers_armed"]) == (1, 0)
 
 
+def test_token_zero_records_only_samples_under_a_root(native: ModuleType) -> None:
+    """Armed with token 0 (a thread kept armed between scopes), only root samples count.
+
+    The handler drops a sample with neither a thread token nor a root on the stack (counted
+    as ``skipped_unowned``), so a thread that stays armed between requests costs no ring
+    space and no drain work for its unprofiled CPU.
+    """
+    native.start(999)
+
+    def body() -> None:
+        native.arm_thread(0)
+        try:
+            burst(0.1)  # no scope: dropped in the handler
+            frame = sys._getframe()
+            native.add_root(frame, 21)
+            burst(0.1)  # below the root: recorded with its token
+            assert native.remove_root(frame)
+            burst(0.1)  # dropped again
+        finally:
+            native.disarm_thread()
+
+    run_in_thread(body)
+    samples = native.drain()
+    assert samples, native.stats()
+    assert all(s[0] == 0 and s[1] == (21,) for s in samples), {(s[0], s[1]) for s in samples}
+    stats = native.stats()
+    assert stats["skipped_unowned"] >= len(samples), stats  # about twice as many, ~2x the CPU
+    assert stats["samples"] == len(samples)
+
+
 def test_disarm_keeps_the_timer_but_stops_its_signals(native: ModuleType) -> None:
     """Per-request arm/disarm reuses one timer; a disarmed thread burning CPU gets no signal."""
     native.start(999)

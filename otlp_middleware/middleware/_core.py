@@ -72,6 +72,11 @@ def current_span_link(context: otel_context.Context | None = None) -> SpanLink |
     return SpanLink(ctx.trace_id.to_bytes(16, "big"), ctx.span_id.to_bytes(8, "big"))
 
 
+def _root_scope_args(cpu: CpuProfilerConfig) -> tuple[Any, int, int, int | None]:
+    max_s = cpu.max_duration_seconds
+    return cpu, cpu.period_ns, cpu.max_stack_depth, round(max_s * 1e9) if max_s else None
+
+
 @dataclass(frozen=True)
 class RouteOptions:
     """Per-route overrides set by ``profile_route`` / ``skip_profiling``.
@@ -265,7 +270,9 @@ class RequestProfiler:
         self.memory = memory
         self.enabled = enabled
         self.exclude_paths = tuple(exclude_paths)
-        self._excluded = compile_globs(self.exclude_paths)
+        self._excluded = compile_globs(self.exclude_paths) if self.exclude_paths else None
+        # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
+        self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
         self._requests = 0
         self._sampled = 0
@@ -291,7 +298,7 @@ class RequestProfiler:
             return False
         if options is not None and options.force is not None:
             return options.force
-        if self._excluded(path):
+        if self._excluded is not None and self._excluded(path):
             return False
         strategy = options.sampler if options is not None and options.sampler else self.sampler
         try:
@@ -353,7 +360,13 @@ class RequestProfiler:
                 elif options.cpu is True and cpu is None:
                     cpu = CpuProfilerConfig()
             if cpu is not None:
-                handle._cpu_scope = open_cpu_scope(cpu, root_frame)
+                if root_frame is not None and not cpu.include_system_calls:
+                    args = self._root_args
+                    if args[0] is not cpu:
+                        args = self._root_args = _root_scope_args(cpu)
+                    handle._cpu_scope = ENGINE.open_root_scope(root_frame, *args[1:])
+                else:
+                    handle._cpu_scope = open_cpu_scope(cpu, root_frame)
             memory = self.memory
             if options is not None and options.memory is not None:
                 memory = None if options.memory is False else options.memory

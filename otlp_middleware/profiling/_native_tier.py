@@ -34,10 +34,6 @@ def load_native() -> Any:
     return _cpu_native
 
 
-def _thread_name() -> str:
-    return threading.current_thread().name
-
-
 class NativeTier:
     """Engine methods of the native tier (state is initialised by ``init_native_state``)."""
 
@@ -108,7 +104,7 @@ class NativeTier:
                 # The usual case: the only scope on this frame gets a token of its own.
                 token = next(self._token_counter)
                 native.add_root(root, token)
-                self._tokens[token] = (scope.thread_id, _thread_name(), (scope,))
+                self._tokens[token] = (scope.thread_id, threading.current_thread().name, (scope,))
                 self._root_tokens[key] = token
                 roots[key] = (scope,)
             else:

@@ -4,6 +4,7 @@ FastAPI runs ``def`` endpoints in anyio's worker threads; the profiling middlewa
 request's scope there. ``GET /burst`` burns ~1 ms of CPU in ``tests.workloads.burst``, then
 does a small GIL-releasing socket round trip, and answers ``"<handler CPU ns> <tier>"`` (the
 worker thread's CPU clock across the handler, and the tier sampling that thread).
+``GET /aburst`` does the burst in an ``async def`` endpoint, on the event loop's thread.
 
     uvicorn tests.apps.fastapi_burst_app:app
 """
@@ -54,6 +55,15 @@ api = FastAPI()
 def burst_endpoint() -> PlainTextResponse:
     """A `def` endpoint: FastAPI runs it in its thread pool."""
     return PlainTextResponse(handle_burst())
+
+
+@api.get("/aburst")
+async def async_burst_endpoint() -> PlainTextResponse:
+    """An `async def` endpoint: it burns its CPU on the event loop, inside the request's task."""
+    start = time.thread_time_ns()
+    workloads.burst(BURST_NS)
+    cpu_ns = time.thread_time_ns() - start
+    return PlainTextResponse(f"{cpu_ns} {ENGINE.method_for(threading.get_ident())}")
 
 
 @api.get("/ready")
