@@ -9,7 +9,7 @@ module of the package, so every layer may use it.
 
 from __future__ import annotations
 
-import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -65,12 +65,20 @@ class SpanLink:
         return cls(bytes.fromhex(trace_id), bytes.fromhex(span_id))
 
 
+_getrandbits = random.getrandbits
+
+
 def new_profile_id() -> bytes:
-    """16 random bytes, never all zero (OTLP treats all-zero ids as invalid)."""
+    """16 random bytes, never all zero (OTLP treats all-zero ids as invalid).
+
+    Like OpenTelemetry's own trace and span ids, these come from ``random`` (reseeded in a
+    forked child), not the OS: an id only has to be unique, and ``os.urandom`` is a system
+    call made once per exported request.
+    """
     while True:
-        pid = os.urandom(16)
-        if any(pid):
-            return pid
+        value = _getrandbits(128)
+        if value:
+            return value.to_bytes(16, "big")
 
 
 @dataclass
