@@ -32,9 +32,16 @@ sampling cannot phase-lock with periodic work. Off-CPU (wall) samples, for scope
 ``include_system_calls``, are taken by the sampler thread: a blocked thread sits at its
 blocking call, which is exactly what ``sys._current_frames()`` shows.
 
-Nothing runs while no scope is open: no timer is armed, no sampler thread wakes (the native
-sampler and its collector are torn down after a second without scopes). After ``fork()`` the
-child starts with a clean engine (``os.register_at_fork``).
+Nothing runs for long while no scope is open: the SIGPROF timer is disarmed and the sampler
+thread stops with the last scope. A thread the native tier sampled stays armed between its
+scopes (its samples outside any scope are dropped in the signal handler), which spares each
+request two timer system calls; the native sampler and its collector are torn down, every
+timer deleted, after a second without scopes. After ``fork()`` the child starts with a clean
+engine (``os.register_at_fork``).
+
+The request path (``open_root_scope`` and ``close`` of an async root scope on the native
+tier) is kept lean: such a scope is registered with the extension under its own token and
+kept out of the per-thread snapshots the other tiers read.
 """
 
 from __future__ import annotations
