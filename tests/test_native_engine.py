@@ -184,9 +184,11 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
 
     Each request is a root scope on the loop thread, whose timer stays armed between
     requests: samples landing between requests (uvicorn's own work) belong to no request and
-    are dropped; those inside a request belong to it alone. So the requests' samples keep the
-    accuracy criteria of a single scope: >= 80% of the weight in the burst and a count within
-    30% of 99 Hz x the handlers' CPU.
+    are dropped; those inside a request belong to it alone. The burst is therefore sampled
+    like any code in a scope: its samples' count and CPU weight match 99 Hz x the handlers'
+    measured CPU (within 25%). The rest of each request's samples are, rightly, FastAPI's and
+    uvicorn's work inside the request (routing, the response): measured ~20-25% of the
+    weight with 2.5 ms bursts on 3.11.
     """
     pytest.importorskip("fastapi")
     out = str(tmp_path)
@@ -209,7 +211,13 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
     assert tiers == {"native"}
     samples = list(written_samples(out))
     assert {s[0] for s in samples} == {"MainThread"}
-    assert_accurate(samples, cpu_seconds)
+    in_burst = [v for _, names, v in samples if "burst" in names]
+    count, weight_s = sum(v[0] for v in in_burst), sum(v[1] for v in in_burst) / 1e9
+    expected = 99 * cpu_seconds
+    assert abs(count - expected) <= 0.25 * expected, (count, expected)
+    assert abs(weight_s - cpu_seconds) <= 0.25 * cpu_seconds, (weight_s, cpu_seconds)
+    share, _ = burst_figures(samples)
+    assert share >= 0.6, f"{share:.1%} of the requests' CPU weight in the burst"
     root = {"ProfilingMiddleware.__call__", "__call__"}
     assert all(names & root for _, names, _ in samples)
 

@@ -47,6 +47,7 @@ class NativeTier:
         self._native = module
         self._native_periods: dict[int, int] = {}
         self._native_hz = 0.0
+        self._native_period = 0  # the period _native_hz was set for
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
         self._retired_tokens: list[int] = []
         self._thread_tokens: dict[int, int] = {}  # tid -> current token of its thread scopes
@@ -98,19 +99,20 @@ class NativeTier:
         roots = self._native_roots
         group = roots.get(key)
         try:
-            if len(periods) > 1 or 1e9 / period != self._native_hz or not native.is_started():
+            if len(periods) > 1 or period != self._native_period or not native.is_started():
                 self._native_schedule()
             if group is None and key not in self._root_tokens:
                 # The usual case: the only scope on this frame gets a token of its own.
                 token = next(self._token_counter)
-                native.add_root(root, token)
+                armed = native.add_root(root, token)
                 self._tokens[token] = (scope.thread_id, threading.current_thread().name, (scope,))
                 self._root_tokens[key] = token
                 roots[key] = (scope,)
             else:
                 roots[key] = (*group, scope) if group else (scope,)
                 self._register_root(scope.thread_id, key, root)
-            if not native.thread_armed():
+                armed = native.thread_armed()
+            if not armed:
                 self._rearm_thread(scope.thread_id)
         except RuntimeError as exc:
             decrement(periods, period)
@@ -163,7 +165,8 @@ class NativeTier:
     def _native_schedule(self) -> None:
         """Start the native sampler, or retune it, for the shortest period of its scopes."""
         periods = self._native_periods
-        hz = 1e9 / (min(periods) if len(periods) > 1 else next(iter(periods)))
+        period = min(periods) if len(periods) > 1 else next(iter(periods))
+        hz = 1e9 / period
         native = self._native
         if not native.is_started():
             native.start(hz, NATIVE_CAPACITY)
@@ -171,6 +174,7 @@ class NativeTier:
         elif hz != self._native_hz:
             native.set_frequency(hz)
             self._native_hz = hz
+        self._native_period = period
 
     def _release_period(self, period: int) -> None:
         periods = self._native_periods
@@ -180,7 +184,8 @@ class NativeTier:
         if (len(periods) > 1 or (periods and period not in periods)) and 1e9 / min(
             periods
         ) != self._native_hz:
-            self._native_hz = 1e9 / min(periods)
+            self._native_period = min(periods)
+            self._native_hz = 1e9 / self._native_period
             self._native_module.set_frequency(self._native_hz)
 
     def _native_unusable(self, exc: Exception) -> None:
@@ -268,6 +273,7 @@ class NativeTier:
         self.collect()
         native.stop()
         self._native_hz = 0.0
+        self._native_period = 0
         self._tokens.clear()
         self._thread_tokens.clear()
         self._root_tokens.clear()

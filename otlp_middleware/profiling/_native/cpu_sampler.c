@@ -1391,6 +1391,13 @@ static PyObject *py_disarm_thread(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Whether the calling thread's timer is armed (add_root() returns it: the request path then
+ * needs no separate call to learn that its thread is already being sampled). */
+static PyObject *thread_armed_now(void)
+{
+    return PyBool_FromLong(g_started && tl_armed && tl_has_timer && tl_gen == g_gen);
+}
+
 static PyObject *py_add_root(PyObject *self, PyObject *args)
 {
     PyObject *frame;
@@ -1410,7 +1417,7 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
         void *k = atomic_load(&g_roots[i].key);
         if (k == (void *)frame) {
             atomic_store(&g_roots[i].token, token);
-            Py_RETURN_NONE;
+            return thread_armed_now();
         }
         if (k == NULL && free_i < 0) {
             free_i = i;
@@ -1431,7 +1438,7 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
         atomic_store(&g_roots_hwm, free_i + 1);
     }
     g_n_roots++;
-    Py_RETURN_NONE;
+    return thread_armed_now();
 }
 
 static PyObject *py_remove_root(PyObject *self, PyObject *frame)
@@ -1669,7 +1676,7 @@ static PyObject *py_armed_timers(PyObject *self, PyObject *unused)
 static PyObject *py_thread_armed(PyObject *self, PyObject *unused)
 {
     check_fork_fast();
-    return PyBool_FromLong(g_started && tl_armed && tl_has_timer && tl_gen == g_gen);
+    return thread_armed_now();
 }
 
 static PyObject *py_is_started(PyObject *self, PyObject *unused)
@@ -1701,7 +1708,7 @@ static PyMethodDef methods[] = {
      "deleted (it goes at thread exit or stop())."},
     {"add_root", py_add_root, METH_VARARGS,
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
-     "root_tokens."},
+     "root_tokens. Returns thread_armed()."},
     {"remove_root", py_remove_root, METH_O,
      "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
     {"drain", py_drain, METH_NOARGS,
