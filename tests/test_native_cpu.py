@@ -208,10 +208,12 @@ def test_deep_stack_is_truncated(native: ModuleType) -> None:
     _recurse(native.MAX_DEPTH + 20)
     native.disarm_thread()
     samples = native.drain()
-    assert samples
-    assert all(len(s[5]) == native.MAX_DEPTH for s in samples)
-    assert samples[0][5][0][0] == "burst"
-    assert native.stats()["truncated"] == len(samples)
+    # A tick can land while the recursion builds up or unwinds (a shallower stack); those
+    # taken in the burst at the bottom are the deep ones.
+    deep = [s for s in samples if s[5][0][0] == "burst"]
+    assert len(deep) >= len(samples) - 2 and deep, [len(s[5]) for s in samples]
+    assert all(len(s[5]) == native.MAX_DEPTH for s in deep)
+    assert native.stats()["truncated"] >= len(deep)
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -833,3 +835,32 @@ def test_stats_count_guarded_walks(native: ModuleType) -> None:
     assert stats["faults"] == 0
     assert stats["walk_rejected"] == 0
     assert {"faults", "walk_fallbacks", "walk_rejected"} <= stats.keys()
+
+
+def test_root_code_frames_carry_minus_their_id(native: ModuleType) -> None:
+    """A frame running a registered root code is a root by itself: its samples carry -id."""
+    native.start(999)
+
+    def request_root() -> int:
+        frame = sys._getframe()  # materialises the frame object the handler keys on
+        burst(0.15)
+        return id(frame)
+
+    native.add_root_code(request_root.__code__)
+    native.add_root_code(request_root.__code__)  # idempotent
+    with pytest.raises(TypeError):
+        native.add_root_code(request_root)
+    keys: list[int] = []
+
+    def body() -> None:
+        native.arm_thread(0)
+        try:
+            keys.append(request_root())
+            burst(0.05)  # outside: no root, token 0: dropped
+        finally:
+            native.disarm_thread()
+
+    run_in_thread(body)
+    samples = native.drain()
+    assert samples
+    assert {s[1] for s in samples} == {(-keys[0],)}

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from ..profiling import _offload
+from ..profiling._engine import ENGINE
 from ._core import ROUTE_DECORATORS, RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
@@ -63,6 +64,8 @@ class ProfilingMiddleware:
     def __init__(self, app: ASGIApp, *, profiler: RequestProfiler | None = None, **options: Any):
         self.app = app
         self.profiler = profiler if profiler is not None else build_request_profiler(**options)
+        if self.profiler.cpu is not None:
+            ENGINE.register_root_code(ProfilingMiddleware._call_sampled.__code__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,7 +82,16 @@ class ProfilingMiddleware:
         if not sampled:
             await self.app(scope, receive, send)
             return
-        # The request path of a sampled request, kept short: it runs for every one of them.
+        await self._call_sampled(scope, receive, send, method)
+
+    async def _call_sampled(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        """A sampled request, kept short: it runs for every one of them.
+
+        Its frame is the request's root. The engine knows this coroutine's code (registered
+        in ``__init__``), so on the native tier opening and closing the scope costs no call
+        into the extension.
+        """
+        profiler = self.profiler
         handle = profiler.begin(method, root_frame=sys._getframe())
         if handle is None:
             await self.app(scope, receive, send)

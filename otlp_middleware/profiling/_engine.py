@@ -55,7 +55,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 
 from ..config import OTLP_MIDDLEWARE_CPU_SAMPLER
 from ..types import CpuSample
@@ -105,6 +105,7 @@ class Engine(NativeTier):
                 OTLP_MIDDLEWARE_CPU_SAMPLER,
             )
         self.errors = RateLimitedLog(logger)
+        self._root_codes: set[CodeType] = set()  # kept across fork, like the extension's
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):

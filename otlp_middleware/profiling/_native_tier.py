@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from ..types import CpuSample
@@ -40,6 +40,7 @@ class NativeTier:
     _entries: dict[int, ThreadEntry]
     _native: Any
     _native_module: Any
+    _root_codes: set[CodeType]
     _lock: threading.Lock
     _collector: Collector | None
 
@@ -54,6 +55,8 @@ class NativeTier:
         self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
         # id(root frame) -> the lean root scopes on it (see ``_add_native_root``)
         self._native_roots: dict[int, tuple[Scope, ...]] = {}
+        # -id(frame) -> (tid, thread name, (scope,)) of scopes rooted at a registered root code
+        self._code_roots: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
         # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
@@ -81,6 +84,26 @@ class NativeTier:
         self._wake_collector()
         return True
 
+    def register_root_code(self, code: CodeType) -> bool:
+        """Make every frame running ``code`` a root the signal handler recognises by itself.
+
+        For the code a request runs under (the ASGI middleware's per-request coroutine):
+        its scopes then skip ``add_root``/``remove_root`` and their token bookkeeping, and
+        are matched to their samples by frame id and time (see ``_add_native_root``).
+        Permanent for the process; False where the native sampler is unavailable.
+        """
+        native = self._native_module
+        if native is None:
+            return False
+        if code not in self._root_codes:
+            try:
+                native.add_root_code(code)
+            except RuntimeError as exc:  # more than the extension's small fixed table
+                logger.debug("otlp_middleware: root code not registered: %s", exc)
+                return False
+            self._root_codes.add(code)
+        return True
+
     def _add_native_root(self, scope: Scope) -> bool:
         """The request path's case, kept lean: an async root scope only the native tier samples.
 
@@ -95,6 +118,27 @@ class NativeTier:
         periods = self._native_periods
         period = scope.period_ns
         periods[period] = periods.get(period, 0) + 1
+        if (
+            period == self._native_period
+            and root.f_code in self._root_codes
+            and -id(root) not in self._code_roots
+            and native.thread_armed()
+        ):
+            # The request path at its leanest: the sampler already runs at this period on
+            # this thread, and the handler knows the frame by its code. A sample belongs to
+            # the scope if it holds this frame and was taken after the scope opened (an
+            # address is reused only once its frame is gone, so an earlier frame's late
+            # sample is older than the scope).
+            self._code_roots[-id(root)] = (
+                scope.thread_id,
+                threading.current_thread().name,
+                (scope,),
+            )
+            scope.native_tier = scope.code_root = True
+            collector = self._collector
+            if collector is None or not collector.active:
+                self._wake_collector()
+            return True
         key = id(root)
         roots = self._native_roots
         group = roots.get(key)
@@ -133,6 +177,16 @@ class NativeTier:
         root = scope.root_frame
         if root is None:
             return False
+        if scope.code_root:
+            key = -id(root)
+            held = self._code_roots.get(key)
+            if held is None or held[2][0] is not scope:
+                return False
+            self.collect()  # while registered: the scope's samples are in the ring already
+            del self._code_roots[key]
+            scope.root_frame = None
+            self._release_period(scope.period_ns)
+            return True
         key = id(root)
         roots = self._native_roots
         group = roots.get(key, ())
@@ -303,12 +357,13 @@ class NativeTier:
             tokens = self._tokens
             frame_ids = self._frame_ids
             max_native_depth = native.MAX_DEPTH
+            code_roots = self._code_roots
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
                 for rt in root_tokens:
-                    g = tokens.get(rt)
-                    if g is not None:
+                    g = tokens.get(rt) if rt > 0 else code_roots.get(rt)
+                    if g is not None and (rt > 0 or ts >= g[2][0].opened_ns):
                         groups.append(g)
                 if not groups:
                     continue

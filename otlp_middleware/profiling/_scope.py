@@ -47,6 +47,7 @@ class Scope:
     __slots__ = (
         "__weakref__",
         "closed_ns",
+        "code_root",
         "deadline_ns",
         "include_system_calls",
         "max_depth",
@@ -84,6 +85,7 @@ class Scope:
         self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
         self.closed_ns: int | None = None
         self.native_tier = False  # sampled by the native tier (set by the engine)
+        self.code_root = False  # a native root found by its code object (set by the engine)
         self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
         self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
 

@@ -212,6 +212,15 @@ static struct sigaction g_old_segv, g_old_bus;
 static int g_guard_installed;
 
 static root_t g_roots[ROOT_CAP];
+
+/* Root code objects: any frame running one of them, with a frame object, is a root whose
+ * token is minus the frame object's address (id(frame) in Python). Registered once (the
+ * middleware's per-request coroutine), they spare the request path an add_root() and a
+ * remove_root() per request; the Python side matches the frame to its request by id and by
+ * time (a frame address is reused only after the frame is gone). Never removed. */
+#define ROOT_CODE_CAP 16
+static _Atomic(PyCodeObject *) g_root_codes[ROOT_CODE_CAP];
+static _Atomic int g_n_root_codes;
 static _Atomic int g_roots_hwm;
 static int g_n_roots;
 
@@ -468,12 +477,27 @@ static inline int is_entry_frame(const _PyInterpreterFrame *f)
 #endif
 
 /* Record one frame of code object co (already checked to be a code object). */
+static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *roots,
+                                   int *n_roots)
+{
+    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire);
+    for (int i = 0; i < n; i++) {
+        if (atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) == co) {
+            if (*n_roots < MAX_ROOTS) {
+                roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
+            }
+            return;
+        }
+    }
+}
+
 static inline int record_frame(PyCodeObject *co, int line, void *frame_obj, frame_ref_t *frames,
                                int *depth, int *truncated, int have_roots, int64_t *roots,
                                int *n_roots)
 {
     if (have_roots && frame_obj != NULL) {
         match_root(frame_obj, roots, n_roots);
+        match_root_code(co, frame_obj, roots, n_roots);
     }
     if (*depth < MAX_DEPTH) {
         frames[*depth].func = intern_code(co);
@@ -509,7 +533,8 @@ static inline int record_frame(PyCodeObject *co, int line, void *frame_obj, fram
 static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *truncated,
                       int64_t *roots, int *n_roots)
 {
-    int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0;
+    int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0 ||
+                     atomic_load_explicit(&g_n_root_codes, memory_order_relaxed) > 0;
     int walked = 0;
     int status = WALK_OK;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -1441,6 +1466,29 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
     return thread_armed_now();
 }
 
+static PyObject *py_add_root_code(PyObject *self, PyObject *code)
+{
+    if (!PyCode_Check(code)) {
+        PyErr_Format(PyExc_TypeError, "add_root_code() needs a code object, got %.100s",
+                     Py_TYPE(code)->tp_name);
+        return NULL;
+    }
+    int n = atomic_load(&g_n_root_codes);
+    for (int i = 0; i < n; i++) {
+        if (atomic_load(&g_root_codes[i]) == (PyCodeObject *)code) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (n >= ROOT_CODE_CAP) {
+        PyErr_SetString(PyExc_RuntimeError, "too many root code objects registered");
+        return NULL;
+    }
+    Py_INCREF(code); /* kept for the life of the process */
+    atomic_store(&g_root_codes[n], (PyCodeObject *)code);
+    atomic_store(&g_n_root_codes, n + 1);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_remove_root(PyObject *self, PyObject *frame)
 {
     check_fork_fast();
@@ -1709,6 +1757,9 @@ static PyMethodDef methods[] = {
     {"add_root", py_add_root, METH_VARARGS,
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
      "root_tokens. Returns thread_armed()."},
+    {"add_root_code", py_add_root_code, METH_O,
+     "add_root_code(code)\n--\n\nEvery frame running code (with a frame object) is a root: "
+     "its samples carry -id(frame) in root_tokens. Permanent; idempotent."},
     {"remove_root", py_remove_root, METH_O,
      "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
     {"drain", py_drain, METH_NOARGS,
