@@ -45,50 +45,6 @@ async def bare_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-class Timed:
-    """Times the middleware inside the server: the whole call, minus the wrapped app's part.
-
-    Enabled by ``BENCH_TIMING_FILE``: at lifespan shutdown it writes ``requests outer_ns
-    inner_ns`` there. The difference is what the middleware adds per request under real
-    load (caches cold from uvicorn's own work), which in-process loops underestimate.
-    """
-
-    def __init__(self, outer: Any, path: str) -> None:
-        self.outer = outer
-        self.path = path
-        self.requests = self.outer_ns = self.inner_ns = 0
-        inner_app = getattr(outer, "app", None)
-        if inner_app is not None:
-            outer.app = self._time_inner(inner_app)
-
-    def _time_inner(self, inner_app: Any) -> Any:
-        async def timed(scope: Any, receive: Any, send: Any) -> None:
-            start = time.perf_counter_ns()
-            try:
-                await inner_app(scope, receive, send)
-            finally:
-                if scope["type"] == "http":
-                    self.inner_ns += time.perf_counter_ns() - start
-
-        return timed
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            try:
-                await self.outer(scope, receive, send)
-            finally:
-                if scope["type"] == "lifespan":
-                    with open(self.path, "w") as f:
-                        f.write(f"{self.requests} {self.outer_ns} {self.inner_ns}\n")
-            return
-        start = time.perf_counter_ns()
-        try:
-            await self.outer(scope, receive, send)
-        finally:
-            self.outer_ns += time.perf_counter_ns() - start
-            self.requests += 1
-
-
 MODE = os.environ.get("BENCH_MODE", "bare")
 if MODE == "bare":
     app: Any = bare_app
@@ -107,6 +63,3 @@ elif MODE == "otlp":
     app = ProfilingMiddleware(bare_app, sampler="always", endpoint=os.environ["BENCH_ENDPOINT"])
 else:
     raise SystemExit(f"unknown BENCH_MODE={MODE!r}")
-
-if os.environ.get("BENCH_TIMING_FILE"):
-    app = Timed(app, os.environ["BENCH_TIMING_FILE"])

@@ -2,8 +2,11 @@
 
 Starts one uvicorn server (one worker) per variant on loopback, then runs ``wrk`` against
 them in alternating rounds so machine noise hits every variant alike, and reports each
-variant's median requests/second as a ratio of the bare app's in the same round. Also
-measures the microseconds the middleware adds per request on the request path, in process.
+variant's median requests/second as a ratio of the bare app's in the same round, and the
+server process's CPU per request (all its threads, from /proc): the difference to bare is
+what the middleware costs per request under real load, background threads included. Also
+measures the microseconds the middleware adds per request in process (a hot loop, which
+underestimates the cost in a server whose own work keeps the caches cold).
 
     python bench/bench_middleware.py [--rounds 7] [--duration 3] [--variants bare,never,always]
 """
@@ -68,7 +71,15 @@ def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen
             time.sleep(0.1)
 
 
-def wrk(port: int, duration: float, connections: int) -> float:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
+    """(requests per second, requests completed)."""
     out = subprocess.run(
         [
             "wrk",
@@ -82,35 +93,10 @@ def wrk(port: int, duration: float, connections: int) -> float:
         check=True,
     ).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
+    n = re.search(r"(\d+) requests in", out)
+    if not m or not n:
         raise SystemExit(f"cannot parse wrk output:\n{out}")
-    return float(m.group(1))
-
-
-def in_server_cost(
-    variants: list[str], duration: float, connections: int, extra: dict[str, str]
-) -> dict[str, float]:
-    """Microseconds the middleware adds per request inside a loaded server (see app.Timed)."""
-    out: dict[str, float] = {}
-    for v in variants:
-        if v == "bare":
-            continue
-        fd, path = tempfile.mkstemp(prefix=f"bench-timing-{v}-")
-        os.close(fd)
-        proc, port = start_server(v, {**extra, "BENCH_TIMING_FILE": path})
-        try:
-            wrk(port, 1.0, connections)
-            wrk(port, duration, connections)
-        finally:
-            proc.terminate()
-            proc.wait(20)
-        with open(path) as f:
-            fields = f.read().split()
-        os.unlink(path)
-        if len(fields) == 3 and int(fields[0]):
-            n, outer, inner = (int(x) for x in fields)
-            out[v] = (outer - inner) / n / 1e3
-    return out
+    return float(m.group(1)), int(n.group(1))
 
 
 def request_path_cost(n: int = 20000) -> dict[str, float]:
@@ -228,27 +214,35 @@ def main() -> None:
         for _, port in servers.values():
             wrk(port, 1.0, args.connections)  # warm up
         results: dict[str, list[float]] = {v: [] for v in variants}
+        cpu_per_request: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else list(reversed(variants))
             for v in order:
-                results[v].append(wrk(servers[v][1], args.duration, args.connections))
+                proc, port = servers[v]
+                cpu = process_cpu_seconds(proc.pid)
+                rate, done = wrk(port, args.duration, args.connections)
+                results[v].append(rate)
+                cpu_per_request[v].append((process_cpu_seconds(proc.pid) - cpu) / done * 1e6)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(20)
-    try:
-        served = in_server_cost(variants, args.duration, args.connections, extra)
-    finally:
         receiver.stop()
     print(
         f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
         f"{args.rounds} alternating rounds"
     )
     print("(ratio = median over rounds of variant / bare in the same round)")
+    print("(CPU = the server process's CPU per request, all threads, median over rounds)")
+    bare_cpu = statistics.median(cpu_per_request["bare"]) if "bare" in variants else 0.0
     for v in variants:
         ratios = [a / b for a, b in zip(results[v], results["bare"], strict=True)]
         median = statistics.median(results[v])
-        print(f"  {v:>7}: {median:8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}")
+        cpu = statistics.median(cpu_per_request[v])
+        print(
+            f"  {v:>7}: {median:8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}"
+            f"   CPU {cpu:7.1f} us/request ({cpu - bare_cpu:+.1f} us vs bare)"
+        )
     files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
     print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
     if "otlp" in variants:
@@ -257,10 +251,6 @@ def main() -> None:
     print(
         f"OTLP encoder: {per_sample:.1f} us per sample, {per_batch:.1f} ms per batch of 512 "
         "request records (merged, 2 samples each, 30-frame stacks from 40 distinct functions)"
-    )
-    print(
-        "Added per request inside the loaded server (middleware call minus the app's): "
-        + ", ".join(f"{k}: {v:.1f} us" for k, v in served.items())
     )
     cost = request_path_cost()
     print(
