@@ -708,43 +708,52 @@ class _Ring:
         out, self._samples = self._samples, []
         return out
 
+    def give(self, samples: list[object]) -> None:
+        self._samples = samples
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
 
 @needs_native
 @pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
-def test_a_root_codes_samples_from_before_the_scope_are_not_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_root_codes_samples_from_before_the_scope_are_not_its_own() -> None:
     """A request found by its code matches samples by frame id *and* time.
 
     Frame addresses are reused: a sample that an earlier frame at the same address left in
     the ring (a request that ended between the last drain and its frame's exit) is older
-    than the scope that now holds the address, and is not given to it.
+    than the scope that now holds the address, and is not given to it. An engine of its
+    own, on the real extension with ``drain`` replaced, hands it exactly such samples.
     """
+    from otlp_middleware.profiling import _cpu_native
+    from otlp_middleware.profiling._engine import Engine
+
+    ring = _Ring(_cpu_native, [])
+    engine = Engine(native_module=ring)
 
     def request_root() -> list[object]:
         frame = sys._getframe()
-        assert ENGINE.register_root_code(request_root.__code__)
+        assert engine.register_root_code(request_root.__code__)
         period = 10_101_010
-        warm = ENGINE.open_root_scope(frame, period, 128, None)  # starts and arms the sampler
-        ENGINE.close(warm)
-        scope = ENGINE.open_root_scope(frame, period, 128, None)
+        warm = engine.open_root_scope(frame, period, 128, None)  # starts and arms the sampler
+        engine.close(warm)
+        scope = engine.open_root_scope(frame, period, 128, None)
         assert scope.code_root
         frames = (("request_root", __file__, 1, 2),)
         key = -id(frame)
-        samples = [
-            (0, (key,), 1, 5_000_000, scope.opened_ns - 1, frames),  # the earlier frame's
-            (0, (key,), 1, 7_000_000, scope.opened_ns + 1, frames),  # this scope's
-            (0, (key + 8,), 1, 9_000_000, scope.opened_ns + 2, frames),  # another frame's
-        ]
-        monkeypatch.setattr(ENGINE, "_native_module", _Ring(ENGINE._native_module, samples))
-        try:
-            ENGINE.close(scope)
-        finally:
-            monkeypatch.undo()
+        ring.give(
+            [
+                (0, (key,), 1, 5_000_000, scope.opened_ns - 1, frames),  # the earlier frame's
+                (0, (key,), 1, 7_000_000, scope.opened_ns + 1, frames),  # this scope's
+                (0, (key + 8,), 1, 9_000_000, scope.opened_ns + 2, frames),  # another frame's
+            ]
+        )
+        engine.close(scope)
         return list(scope.samples)
 
-    got = request_root()
+    try:
+        got = request_root()
+    finally:
+        engine.uninstall()
+        _cpu_native.disarm_thread()
     assert [s.cpu_ns for s in got] == [7_000_000]

@@ -56,6 +56,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType
+from typing import Any
 
 from ..config import OTLP_MIDDLEWARE_CPU_SAMPLER
 from ..types import CpuSample
@@ -78,6 +79,7 @@ _HAS_SIGPROF = hasattr(signal, "SIGPROF") and hasattr(signal, "setitimer")
 _random = random.Random().random
 
 METHODS = ("auto", "native", "signal", "thread")
+_LOAD: Any = object()  # Engine(): load the native extension
 
 
 def _method_from_environ() -> str:
@@ -96,9 +98,13 @@ def _method_from_environ() -> str:
 class Engine(NativeTier):
     """Owns every open scope and the tiers that sample them. One per process: ``ENGINE``."""
 
-    def __init__(self) -> None:
+    def __init__(self, native_module: Any = _LOAD) -> None:
+        """``native_module``: the native sampler extension (default: the built one, if any).
+
+        A seam for tests; the process has one engine, ``ENGINE``.
+        """
         self._method = _method_from_environ()
-        self._native_module = load_native()
+        self._native_module = load_native() if native_module is _LOAD else native_module
         if self._method == "native" and self._native_module is None:
             logger.warning(
                 "otlp_middleware: %s=native but the native sampler is not built; falling back",
