@@ -26,6 +26,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def uvicorn_argv(app: str, port: int) -> list[str]:
+    """The command line serving ASGI ``app`` ("module:attr") with one uvicorn worker."""
+    return [
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+
+
 @contextlib.contextmanager
 def serve(
     argv: Sequence[str], port: int, env: dict[str, str], ready_path: str = "/", timeout: float = 30

@@ -16,7 +16,7 @@ import pytest
 
 from otlp_middleware.pprof import Profile, read_profile
 
-from .servers import free_port, serve
+from .servers import free_port, serve, uvicorn_argv
 
 pytestmark = [pytest.mark.server]
 
@@ -93,18 +93,7 @@ def test_uvicorn_concurrent_requests_stay_separate(tmp_path: object) -> None:
     out = str(tmp_path)
     port = free_port()
     paths = ["/alpha/1?ms=20", "/beta?ms=20", "/gamma?ms=20", "/delta?ms=20"] * 12
-    argv = [
-        "uvicorn",
-        "tests.apps.asgi_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    argv = uvicorn_argv("tests.apps.asgi_app:app", port)
     with serve(argv, port, {"TEST_OUTPUT_DIR": out}, ready_path="/health"):
         sent = send_concurrently(f"http://127.0.0.1:{port}", paths)
     profiles = load_profiles(out)

@@ -29,7 +29,7 @@ from otlp_middleware.profiling import CpuProfiler, CpuProfilerConfig, profile_as
 from otlp_middleware.profiling._engine import ENGINE
 
 from . import workloads
-from .servers import ROOT, free_port, serve
+from .servers import ROOT, free_port, serve, uvicorn_argv
 
 needs_native = pytest.mark.skipif(
     not ENGINE.native_available, reason="native CPU sampler not built (no compiler?)"
@@ -151,19 +151,8 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
     pytest.importorskip("fastapi")
     out = str(tmp_path)
     port = free_port()
-    argv = [
-        "uvicorn",
-        "tests.apps.fastapi_burst_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]
     env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
+    argv = uvicorn_argv("tests.apps.fastapi_burst_app:app", port)
     with serve(argv, port, env, ready_path="/ready") as base:
         cpu_seconds, tiers = drive(base, REQUESTS)
     assert tiers == {"native"}
@@ -193,19 +182,8 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
     pytest.importorskip("fastapi")
     out = str(tmp_path)
     port = free_port()
-    argv = [
-        "uvicorn",
-        "tests.apps.fastapi_burst_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]
     env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
+    argv = uvicorn_argv("tests.apps.fastapi_burst_app:app", port)
     with serve(argv, port, env, ready_path="/ready") as base:
         cpu_seconds, tiers = drive(base, REQUESTS, path="/aburst")
     assert tiers == {"native"}

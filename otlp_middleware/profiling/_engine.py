@@ -238,22 +238,8 @@ class Engine(NativeTier):
     def open_root_scope(
         self, root_frame: FrameType, period_ns: int, max_depth: int, max_duration_ns: int | None
     ) -> Scope:
-        """``open_frame_scope`` without off-CPU sampling, in one call: the request path's."""
-        scope = Scope(
-            thread_id=threading.get_ident(),
-            root_frame=root_frame,
-            period_ns=period_ns,
-            include_system_calls=False,
-            max_duration_ns=max_duration_ns,
-            max_depth=max_depth,
-        )
-        if self._native is not None:
-            with self._lock:
-                if self._native is not None and self._add_native_root(scope):
-                    self._open += 1
-                    return scope
-        self._add(scope)
-        return scope
+        """``open_frame_scope`` without off-CPU sampling, positional: the request path's call."""
+        return self._open_scope(root_frame, period_ns, False, max_duration_ns, max_depth)
 
     def _open_scope(
         self,
