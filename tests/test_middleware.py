@@ -410,3 +410,43 @@ def test_many_profiled_requests_do_not_leak_memory() -> None:
     # a kept record costs ~14 blocks and ~150 of these requests get a sample: keeping them
     # all would grow ~2000 blocks (measured), nothing kept grows ~25
     assert grown < 500, f"{grown} blocks kept after 3000 requests"
+
+
+def test_interleaved_async_requests_on_one_loop_keep_their_own_samples() -> None:
+    """Two requests alternate 3 ms CPU chunks on one event loop for ~0.6 s of CPU each.
+
+    The loop thread samples both; each sample goes to the request whose root frame is on its
+    stack (found by the middleware coroutine's code on the native tier), including the
+    samples the background collector drains while the requests are still running.
+    """
+
+    def burn_alpha() -> None:
+        workloads.spin(0.003)
+
+    def burn_beta() -> None:
+        workloads.spin(0.003)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        burn = burn_alpha if scope["path"] == "/alpha" else burn_beta
+        for _ in range(200):
+            burn()
+            await asyncio.sleep(0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+
+    async def main() -> None:
+        await asyncio.gather(asgi_get(mw, "/alpha"), asgi_get(mw, "/beta"))
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    burners = []
+    for record in exporter.records:
+        found = {n.rsplit(".", 1)[-1] for n in names(record)} & {"burn_alpha", "burn_beta"}
+        assert len(found) == 1, found  # one request's function, never the other's
+        burners += found
+        # ~0.6 s of CPU each at 99 Hz: ~60 samples (the kernel tick blurs a little)
+        assert 35 <= len(record.cpu_samples) <= 90, len(record.cpu_samples)
+    assert sorted(burners) == ["burn_alpha", "burn_beta"]
