@@ -4,6 +4,18 @@
 thread's set of thread scopes, a token per async root frame), and ``collect`` moves the samples
 the signal handlers recorded into the scopes the tokens name. Tokens that were replaced stay
 known until the next drain, because samples already in the ring may carry them.
+
+The request path is the hot case, kept lean in three steps:
+
+- a thread stays armed between its scopes (token 0: the handler drops samples that belong to
+  no scope), so a request costs no timer system call;
+- an async root scope that only this tier samples stays out of the per-thread snapshots the
+  other tiers read (``_native_roots``);
+- frames running a *root code* (``register_root_code``: the ASGI middleware's per-request
+  coroutine) are roots by themselves: the handler tags their samples with ``-id(frame)``, so
+  such a scope (``_code_roots``) needs no token and no call into the extension at all. It is
+  matched to its samples by frame id and by time, since a frame's address is reused only
+  after the frame is gone.
 """
 
 from __future__ import annotations
@@ -109,8 +121,9 @@ class NativeTier:
 
         Called with the engine lock held, for a scope opened on its own thread without
         off-CPU sampling. No other tier reads it, so it stays out of ``_entries`` (no snapshot
-        copies, no thread clock): it lives in ``_native_roots`` and behind its root token.
-        False if the native sampler cannot take it (the caller falls back).
+        copies, no thread clock): it lives in ``_code_roots`` when its frame runs a root code
+        and the thread is already sampled at its period, else in ``_native_roots`` behind a
+        root token. False if the native sampler cannot take it (the caller falls back).
         """
         root = scope.root_frame
         assert root is not None
