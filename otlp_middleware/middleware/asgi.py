@@ -102,7 +102,7 @@ class ProfilingMiddleware:
         token = _offload.CURRENT_SCOPE.set(cpu) if cpu is not None else None
 
         async def send_wrapper(message: Message) -> None:
-            kind = message["type"]
+            kind = message.get("type")
             if kind == "http.response.start":
                 handle.status_code = message.get("status")
             await send(message)
