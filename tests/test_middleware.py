@@ -447,6 +447,10 @@ def test_interleaved_async_requests_on_one_loop_keep_their_own_samples() -> None
         found = {n.rsplit(".", 1)[-1] for n in names(record)} & {"burn_alpha", "burn_beta"}
         assert len(found) == 1, found  # one request's function, never the other's
         burners += found
-        # ~0.6 s of CPU each at 99 Hz: ~60 samples (the kernel tick blurs a little)
-        assert 35 <= len(record.cpu_samples) <= 90, len(record.cpu_samples)
+        assert len(record.cpu_samples) >= 10, len(record.cpu_samples)
     assert sorted(burners) == ["burn_alpha", "burn_beta"]
+    # ~1.2 s of CPU in all at 99 Hz. The split between the two is not tested: CPU timers
+    # fire on the kernel's 4 ms tick, whose phase against the 6 ms alpha/beta cycle can
+    # favour one request's chunks.
+    total = sum(len(r.cpu_samples) for r in exporter.records)
+    assert 80 <= total <= 160, total
