@@ -12,39 +12,11 @@ written profiles with the truth. ``/ready`` is excluded from profiling (readines
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterable
 from typing import Any
 
 from otlp_middleware.middleware import WSGIProfilingMiddleware
-from otlp_middleware.profiling._engine import ENGINE
-from tests import workloads
-
-_local = threading.local()
-_PAYLOAD = b"x" * 512
-BURST_NS = int(os.environ.get("TEST_BURST_NS", "1000000"))
-
-
-def socket_round_trip() -> None:
-    """Write a small payload to a per-thread socket pair and read it back (releases the GIL)."""
-    pair = getattr(_local, "pair", None)
-    if pair is None:
-        pair = _local.pair = socket.socketpair()
-    a, b = pair
-    a.sendall(_PAYLOAD)
-    received = 0
-    while received < len(_PAYLOAD):
-        received += len(b.recv(65536))
-
-
-def handle_burst() -> str:
-    start = time.thread_time_ns()
-    workloads.burst(BURST_NS)
-    socket_round_trip()
-    cpu_ns = time.thread_time_ns() - start
-    return f"{cpu_ns} {ENGINE.method_for(threading.get_ident())}"
+from tests.apps._burst import handle_burst
 
 
 def plain_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
