@@ -2,7 +2,8 @@
 
 BENCH_MODE: ``bare`` (no middleware), ``never`` (middleware, nothing sampled), ``always``
 (every request profiled at 99 Hz, aggregate pprof files), ``otlp`` (every request profiled,
-exported as OTLP to BENCH_ENDPOINT).
+exported as OTLP to BENCH_ENDPOINT), ``pyinstrument`` (a peer: pyinstrument's profiler around
+every request at 99 Hz; ``pip install pyinstrument``).
 """
 
 from __future__ import annotations
@@ -61,5 +62,22 @@ elif MODE == "always":
     )
 elif MODE == "otlp":
     app = ProfilingMiddleware(bare_app, sampler="always", endpoint=os.environ["BENCH_ENDPOINT"])
+elif MODE == "pyinstrument":
+    # A peer for comparison: pyinstrument's Profiler around every request (its documented
+    # ASGI recipe), at our 99 Hz interval, the session dropped (no rendering, no export).
+    from pyinstrument import Profiler
+
+    async def pyinstrument_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await bare_app(scope, receive, send)
+            return
+        profiler = Profiler(interval=1 / 99, async_mode="enabled")
+        profiler.start()
+        try:
+            await bare_app(scope, receive, send)
+        finally:
+            profiler.stop()
+
+    app = pyinstrument_app
 else:
     raise SystemExit(f"unknown BENCH_MODE={MODE!r}")
