@@ -102,6 +102,18 @@ def assert_accurate(
     assert abs(count - expected) <= 0.3 * expected, (count, expected, cpu_seconds)
 
 
+def fastapi_bursts(out: str, path: str) -> tuple[float, list[tuple[str, set[str], list[int]]]]:
+    """Serve tests/apps/fastapi_burst_app.py, drive ``path``: (handler CPU s, samples written)."""
+    pytest.importorskip("fastapi")
+    port = free_port()
+    env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
+    argv = uvicorn_argv("tests.apps.fastapi_burst_app:app", port)
+    with serve(argv, port, env, ready_path="/ready") as base:
+        cpu_seconds, tiers = drive(base, REQUESTS, path=path)
+    assert tiers == {"native"}
+    return cpu_seconds, list(written_samples(out))
+
+
 # ---------------------------------------------------------------- real servers
 @pytest.mark.server
 @needs_native
@@ -148,15 +160,7 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
     Those loop samples are checked for attribution only: each must hold the middleware's
     root frame.
     """
-    pytest.importorskip("fastapi")
-    out = str(tmp_path)
-    port = free_port()
-    env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
-    argv = uvicorn_argv("tests.apps.fastapi_burst_app:app", port)
-    with serve(argv, port, env, ready_path="/ready") as base:
-        cpu_seconds, tiers = drive(base, REQUESTS)
-    assert tiers == {"native"}
-    samples = list(written_samples(out))
+    cpu_seconds, samples = fastapi_bursts(str(tmp_path), "/burst")
     workers = [s for s in samples if s[0].startswith("AnyIO worker thread")]
     assert_accurate(workers, cpu_seconds)
     loop = [s for s in samples if s[0] == "MainThread"]
@@ -179,15 +183,7 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
     uvicorn's work inside the request (routing, the response): measured ~20-25% of the
     weight with 2.5 ms bursts on 3.11.
     """
-    pytest.importorskip("fastapi")
-    out = str(tmp_path)
-    port = free_port()
-    env = {"TEST_OUTPUT_DIR": out, **SERVER_ENV}
-    argv = uvicorn_argv("tests.apps.fastapi_burst_app:app", port)
-    with serve(argv, port, env, ready_path="/ready") as base:
-        cpu_seconds, tiers = drive(base, REQUESTS, path="/aburst")
-    assert tiers == {"native"}
-    samples = list(written_samples(out))
+    cpu_seconds, samples = fastapi_bursts(str(tmp_path), "/aburst")
     assert {s[0] for s in samples} == {"MainThread"}
     in_burst = [v for _, names, v in samples if "burst" in names]
     count, weight_s = sum(v[0] for v in in_burst), sum(v[1] for v in in_burst) / 1e9

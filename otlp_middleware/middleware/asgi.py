@@ -18,7 +18,7 @@ from typing import Any
 
 from ..profiling import _offload
 from ..profiling._engine import ENGINE
-from ._core import ROUTE_DECORATORS, RequestProfiler, RequestSlot
+from ._core import ROUTE_DECORATORS, RequestHandle, RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
 Scope = MutableMapping[str, Any]
@@ -101,16 +101,8 @@ class ProfilingMiddleware:
         cpu = handle._cpu_scope
         token = _offload.CURRENT_SCOPE.set(cpu) if cpu is not None else None
 
-        async def send_wrapper(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start":
-                handle.status_code = message.get("status")
-            await send(message)
-            if kind == "http.response.body" and not message.get("more_body", False):
-                handle.finish()  # the response is complete (background tasks are not the request)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, _watch_send(send, handle, handle.finish))
         except BaseException as exc:
             handle.set_error(exc)
             if handle.status_code is None:
@@ -139,16 +131,7 @@ class ProfilingMiddleware:
         self, slot: RequestSlot, scope: Scope, receive: Receive, send: Send
     ) -> None:
         root_path = str(scope.get("root_path", ""))
-
-        async def send_wrapper(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start":
-                slot.status_code = message.get("status")
-            await send(message)
-            if kind == "http.response.body" and not message.get("more_body", False):
-                # The response is complete: close now (background tasks are not the request).
-                _close(slot, scope, root_path)
-
+        send_wrapper = _watch_send(send, slot, lambda: _close(slot, scope, root_path))
         try:
             await self.app(scope, receive, send_wrapper)
         except BaseException as exc:
@@ -159,6 +142,26 @@ class ProfilingMiddleware:
             raise
         finally:
             _close(slot, scope, root_path)
+
+
+def _watch_send(
+    send: Send, target: RequestHandle | RequestSlot, complete: Callable[[], None]
+) -> Send:
+    """``send``, noting the status on ``target`` and calling ``complete`` after the last body.
+
+    The request closes when its response is complete: background tasks that run after the
+    last body chunk are not the request. Messages pass through unchanged (streams stream).
+    """
+
+    async def send_wrapper(message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            target.status_code = message.get("status")
+        await send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            complete()
+
+    return send_wrapper
 
 
 def _route_or_none(scope: Scope, root_path: str) -> str | None:

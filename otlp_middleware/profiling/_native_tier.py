@@ -59,8 +59,7 @@ class NativeTier:
     def init_native_state(self, module: Any) -> None:
         self._native = module
         self._native_periods: dict[int, int] = {}
-        self._native_hz = 0.0
-        self._native_period = 0  # the period _native_hz was set for
+        self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
         self._retired_tokens: list[int] = []
         self._thread_tokens: dict[int, int] = {}  # tid -> current token of its thread scopes
@@ -233,14 +232,11 @@ class NativeTier:
         """Start the native sampler, or retune it, for the shortest period of its scopes."""
         periods = self._native_periods
         period = min(periods) if len(periods) > 1 else next(iter(periods))
-        hz = 1e9 / period
         native = self._native
         if not native.is_started():
-            native.start(hz, NATIVE_CAPACITY)
-            self._native_hz = hz
-        elif hz != self._native_hz:
-            native.set_frequency(hz)
-            self._native_hz = hz
+            native.start(1e9 / period, NATIVE_CAPACITY)
+        elif period != self._native_period:
+            native.set_frequency(1e9 / period)
         self._native_period = period
 
     def _release_period(self, period: int) -> None:
@@ -248,12 +244,11 @@ class NativeTier:
         decrement(periods, period)
         # Retune only when the shortest period may have changed (not for the usual single
         # period still in use, nor when the last scope closed).
-        if (len(periods) > 1 or (periods and period not in periods)) and 1e9 / min(
-            periods
-        ) != self._native_hz:
-            self._native_period = min(periods)
-            self._native_hz = 1e9 / self._native_period
-            self._native_module.set_frequency(self._native_hz)
+        if len(periods) > 1 or (periods and period not in periods):
+            shortest = min(periods)
+            if shortest != self._native_period:
+                self._native_period = shortest
+                self._native_module.set_frequency(1e9 / shortest)
 
     def _native_unusable(self, exc: Exception) -> None:
         logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
@@ -339,7 +334,6 @@ class NativeTier:
             return
         self.collect()
         native.stop()
-        self._native_hz = 0.0
         self._native_period = 0
         self._tokens.clear()
         self._thread_tokens.clear()
