@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -672,11 +673,15 @@ def test_request_scope_and_profiler_share_a_root_frame() -> None:
 
 
 class _Ring:
-    """The extension with ``drain`` replaced by given samples (the rest is the real module)."""
+    """The extension with ``drain`` replaced by given samples (the rest is the real module).
 
-    def __init__(self, real: object, samples: list[object]) -> None:
+    ``mark`` counts the given samples as published, as the real one counts recorded ones.
+    """
+
+    def __init__(self, real: Any, samples: list[object]) -> None:
         self._real = real
         self._samples = samples
+        self._given = 0
 
     def drain(self) -> list[object]:
         out, self._samples = self._samples, []
@@ -684,6 +689,11 @@ class _Ring:
 
     def give(self, samples: list[object]) -> None:
         self._samples = samples
+        self._given += len(samples)
+
+    def mark(self) -> int:
+        mark: int = self._real.mark()
+        return mark + self._given if mark >= 0 else mark
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)

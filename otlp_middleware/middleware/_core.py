@@ -144,50 +144,41 @@ class ProfilerStats:
 
 
 class RequestHandle:
-    """One profiled request, from the decision to its record. Made per request, never shared."""
+    """One profiled request, from the decision to its record. Made per request, never shared.
 
-    __slots__ = (
-        "_closed",
-        "_cpu_samples",
-        "_cpu_scope",
-        "_done",
-        "_duration_ns",
-        "_heap_period",
-        "_heap_samples",
-        "_link",
-        "_memory_scope",
-        "_otel_context",
-        "_owner",
-        "_period_ns",
-        "_start_ns",
-        "attributes",
-        "route_source",
-        "status_code",
-    )
+    Made for every profiled request, so it is cheap to make: what most requests leave at
+    its default is a class attribute, not set per instance.
+    """
+
+    _cpu_scope: Scope | None = None
+    _memory_scope: Any = None
+    _done = False
+    _closed = False
+    _cpu_samples: tuple[Any, ...] = ()
+    _heap_samples: Sequence[Any] = ()
+    _period_ns = 0
+    _heap_period = 0
+    _start_ns = 0
+    _end_ns = 0
+    _link: SpanLink | bool | None = False  # False: not read yet
+    status_code: int | None = None
+    # Called for the route only if the request has samples (adapters that can name the
+    # route cheaply at the end set it instead of an http.route attribute).
+    route_source: Callable[[], str | None] | None = None
 
     def __init__(
-        self, owner: RequestProfiler, otel_ctx: otel_context.Context | None = None
+        self,
+        owner: RequestProfiler,
+        otel_ctx: otel_context.Context | None = None,
+        method: str | None = None,
     ) -> None:
         self._owner = owner
-        self._cpu_scope: Scope | None = None
-        self._memory_scope: Any = None
-        self._done = False
-        self._closed = False
-        self._cpu_samples: tuple[Any, ...] = ()
-        self._heap_samples: Sequence[Any] = ()
-        self._period_ns = 0
-        self._heap_period = 0
-        self._start_ns = 0
-        self._duration_ns = 0
         # The OpenTelemetry context at the start; its span becomes the link, read only for
         # requests that have samples to export.
         self._otel_context = otel_ctx
-        self._link: SpanLink | bool | None = False  # False: not read yet
-        self.attributes: dict[str, AttributeScalar] = {}
-        self.status_code: int | None = None
-        # Called for the route only if the request has samples (adapters that can name the
-        # route cheaply at the end set it instead of an http.route attribute).
-        self.route_source: Callable[[], str | None] | None = None
+        self.attributes: dict[str, AttributeScalar] = (
+            {"http.request.method": method} if method is not None else {}
+        )
 
     @property
     def link(self) -> SpanLink | None:
@@ -274,6 +265,8 @@ class RequestProfiler:
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
+        # True when a request on an async root frame needs nothing but a CPU scope there.
+        self._lean_root = cpu is not None and memory is None and not cpu.include_system_calls
         self._requests = 0
         self._sampled = 0
         self._emitted = 0
@@ -341,15 +334,31 @@ class RequestProfiler:
         Returns None (and counts a fault) if profiling could not start; the request then runs
         unprofiled.
         """
+        cpu = self.cpu
+        if options is None and root_frame is not None and self._lean_root and cpu is not None:
+            # An async request with CPU samples only: the ASGI adapter's common case.
+            try:
+                handle = RequestHandle(self, otel_context.get_current(), method)
+                if route:
+                    handle.attributes["http.route"] = route
+                if self._extra:
+                    handle.attributes.update(self._extra)
+                args = self._root_args
+                if args[0] is not cpu:
+                    args = self._root_args = _root_scope_args(cpu)
+                handle._cpu_scope = ENGINE.open_root_scope(root_frame, args[1], args[2], args[3])
+                self._sampled += 1
+                return handle
+            except Exception:
+                self._fault("opening a request's profile")
+                return None
         try:
-            handle = RequestHandle(self, otel_context.get_current())
+            handle = RequestHandle(self, otel_context.get_current(), method)
             handle._start_ns = time.time_ns()
-            handle.attributes["http.request.method"] = method
             if route:
                 handle.attributes["http.route"] = route
             if self._extra:
                 handle.attributes.update(self._extra)
-            cpu = self.cpu
             if options is not None:
                 if options.attributes:
                     handle.attributes.update(options.attributes)
@@ -380,6 +389,58 @@ class RequestProfiler:
             self._fault("opening a request's profile")
             return None
 
+    def open_root(self, root_frame: FrameType) -> Scope | None:
+        """A sampled async request's CPU scope at its leanest, or None: then use ``begin``.
+
+        For a request that needs only CPU samples, on a frame running a registered root code
+        (``Engine.open_code_scope``). The adapter keeps the request's state itself and calls
+        ``emit_root`` (if the scope has samples) or ``count_empty`` once it is closed.
+        """
+        cpu = self.cpu
+        if not self._lean_root or cpu is None:
+            return None
+        args = self._root_args
+        if args[0] is not cpu:
+            args = self._root_args = _root_scope_args(cpu)
+        try:
+            scope = ENGINE.open_code_scope(root_frame, args[1], args[2], args[3])
+        except Exception:
+            self._fault("opening a request's profile")
+            return None
+        if scope is not None:
+            self._sampled += 1
+        return scope
+
+    def emit_root(
+        self,
+        scope: Scope,
+        method: str,
+        status_code: int | None,
+        error: BaseException | None,
+        route_source: Callable[[], str | None] | None,
+    ) -> None:
+        """Queue the record of a closed ``open_root`` scope that has samples. Never raises."""
+        try:
+            handle = RequestHandle(self, otel_context.get_current(), method)
+            if self._extra:
+                handle.attributes.update(self._extra)
+            if error is not None:
+                handle.set_error(error)
+                if status_code is None:
+                    status_code = 500
+            handle.status_code = status_code
+            handle.route_source = route_source
+            handle._cpu_scope = scope
+            handle._done = True
+            self._close_scopes(handle)  # the scope is closed: this takes its samples
+            self._emit(handle)
+        except Exception:
+            self._fault("closing a request's profile")
+
+    def count_empty(self) -> None:
+        """A closed ``open_root`` scope without samples: nothing to export."""
+        self._empty += 1
+
     def open_slot(self, method: str, handle: RequestHandle | None) -> RequestSlot | None:
         """The request's slot for route decorators, or None when no decorator is in use."""
         if handle is None and not ROUTE_DECORATORS["in_use"]:
@@ -409,8 +470,10 @@ class RequestProfiler:
     @staticmethod
     def exit_context(token: contextvars.Token[Scope | None] | None) -> None:
         if token is not None:
-            with contextlib.suppress(ValueError):
+            try:  # noqa: SIM105 (per request: cheaper than contextlib.suppress)
                 _offload.CURRENT_SCOPE.reset(token)
+            except ValueError:  # reset from another context: nothing of ours to undo there
+                pass
 
     def _close_scopes(self, handle: RequestHandle) -> None:
         if handle._closed:
@@ -419,13 +482,13 @@ class RequestProfiler:
         scope = handle._cpu_scope
         if scope is not None:
             ENGINE.close(scope)
-            handle._start_ns = scope.opened_ns
+            handle._start_ns = start = scope.opened_ns
+            handle._end_ns = start + scope.duration_ns
             if scope.samples:
                 handle._cpu_samples = tuple(scope.samples)
                 handle._period_ns = scope.period_ns
-            handle._duration_ns = scope.duration_ns
         else:
-            handle._duration_ns = time.time_ns() - handle._start_ns
+            handle._end_ns = time.time_ns()
         if handle._memory_scope is not None:
             handle._heap_samples, handle._heap_period = handle._memory_scope.close()
 
@@ -440,7 +503,7 @@ class RequestProfiler:
         record = ProfileRecord(
             profile_id=new_profile_id(),
             start_time_ns=handle._start_ns,
-            duration_ns=handle._duration_ns,
+            duration_ns=max(handle._end_ns - handle._start_ns, 0),
             cpu_samples=handle._cpu_samples,
             cpu_period_ns=handle._period_ns,
             heap_samples=handle._heap_samples,

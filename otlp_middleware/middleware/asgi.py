@@ -85,12 +85,53 @@ class ProfilingMiddleware:
         await self._call_sampled(scope, receive, send, method)
 
     async def _call_sampled(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
-        """A sampled request, kept short: it runs for every one of them.
+        """A sampled request at its leanest: this runs for every one of them.
 
         Its frame is the request's root. The engine knows this coroutine's code (registered
-        in ``__init__``), so on the native tier opening and closing the scope costs no call
-        into the extension.
+        in ``__init__``), so on the native tier, from the second request on, the request's
+        CPU scope is one dictionary entry (``Engine.open_code_scope``) and nothing else is
+        made per request: the status is a local, and a ``RequestHandle`` (its record) is made
+        only for a request that has samples. Elsewhere ``_call_with_handle`` does the work.
         """
+        profiler = self.profiler
+        cpu = profiler.open_root(sys._getframe())
+        if cpu is None:
+            await self._call_with_handle(scope, receive, send, method)
+            return
+        token = _offload.CURRENT_SCOPE.set(cpu)
+        status: int | None = None
+        error: BaseException | None = None
+
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            # as _watch_send: the status, and the scope closes at the last body chunk
+            nonlocal status
+            kind = message.get("type")
+            if kind == "http.response.start":
+                status = message.get("status")
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                ENGINE.close(cpu)
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            ENGINE.close(cpu)
+            profiler.exit_context(token)
+            if cpu.samples:
+                root_path = scope.get("root_path", "")
+                profiler.emit_root(
+                    cpu, method, status, error, lambda: _route_or_none(scope, root_path)
+                )
+            else:
+                profiler.count_empty()
+
+    async def _call_with_handle(
+        self, scope: Scope, receive: Receive, send: Send, method: str
+    ) -> None:
+        """A sampled request through a ``RequestHandle``: memory profiling, other tiers."""
         profiler = self.profiler
         handle = profiler.begin(method, root_frame=sys._getframe())
         if handle is None:
@@ -102,7 +143,7 @@ class ProfilingMiddleware:
         token = _offload.CURRENT_SCOPE.set(cpu) if cpu is not None else None
 
         try:
-            await self.app(scope, receive, _watch_send(send, handle, handle.finish))
+            await self.app(scope, receive, _watch_send(send, handle, handle.close_scopes))
         except BaseException as exc:
             handle.set_error(exc)
             if handle.status_code is None:
@@ -147,19 +188,21 @@ class ProfilingMiddleware:
 def _watch_send(
     send: Send, target: RequestHandle | RequestSlot, complete: Callable[[], None]
 ) -> Send:
-    """``send``, noting the status on ``target`` and calling ``complete`` after the last body.
+    """``send``, noting the status on ``target`` and calling ``complete`` at the last body.
 
-    The request closes when its response is complete: background tasks that run after the
-    last body chunk are not the request. Messages pass through unchanged (streams stream).
+    The request closes when its response is complete: when the app hands over its last
+    body chunk (background tasks that run after it are not the request, nor is the server's
+    write of that chunk). Messages pass through unchanged (streams stream). A plain function
+    returning ``send``'s awaitable: no coroutine of its own per message.
     """
 
-    async def send_wrapper(message: Message) -> None:
+    def send_wrapper(message: Message) -> Awaitable[None]:
         kind = message.get("type")
         if kind == "http.response.start":
             target.status_code = message.get("status")
-        await send(message)
-        if kind == "http.response.body" and not message.get("more_body", False):
+        elif kind == "http.response.body" and not message.get("more_body", False):
             complete()
+        return send(message)
 
     return send_wrapper
 

@@ -38,7 +38,7 @@ closer together than the tick are delivered as one signal whose ``cpu_ns`` cover
 period, that happens only above twice the tick rate (125 Hz with a 250 Hz tick).
 """
 
-from types import FrameType
+from types import CodeType, FrameType
 
 #: The real-time signal the timers deliver (SIGRTMIN+3).
 SIGNAL: int
@@ -94,10 +94,25 @@ def disarm_thread() -> None:
     deleted: it goes when the thread exits or at :func:`stop`. A signal already on its way
     is ignored (counted in ``skipped_not_armed``) and does not re-arm the timer."""
 
-def add_root(frame: FrameType, token: int) -> None:
+def thread_armed() -> bool:
+    """Whether the calling thread's timer is armed (the sampler started, this thread
+    sampled)."""
+
+def mark() -> int:
+    """-1 unless the sampler is started and the calling thread is armed; else the number of
+    samples published so far (never reset). Equal readings at a scope's open and close mean
+    that no sample at all was recorded in between: the close need not drain."""
+
+def add_root(frame: FrameType, token: int) -> bool:
     """Register a coroutine's frame (``coro.cr_frame``): a sample whose stack holds it
     carries ``token`` in its root tokens. Registering the same frame again changes the
-    token. The frame is kept alive until :func:`remove_root` or :func:`stop`."""
+    token. The frame is kept alive until :func:`remove_root` or :func:`stop`. Returns
+    :func:`thread_armed`."""
+
+def add_root_code(code: CodeType) -> None:
+    """Make every frame running ``code`` a root by itself: its samples carry ``-id(frame)``
+    in their root tokens. Permanent (survives :func:`stop`); idempotent. Raises RuntimeError
+    when the small fixed table (16 codes) is full."""
 
 def remove_root(frame: FrameType) -> bool:
     """Forget a root frame; returns whether it was registered."""

@@ -40,8 +40,9 @@ timer deleted, after a second without scopes. After ``fork()`` the child starts 
 engine (``os.register_at_fork``).
 
 The request path (``open_root_scope`` and ``close`` of an async root scope on the native
-tier) is kept lean: such a scope is registered with the extension under its own token and
-kept out of the per-thread snapshots the other tiers read.
+tier) is kept lean: such a scope is kept out of the per-thread snapshots the other tiers
+read, and on a frame running a registered root code it takes no lock and makes no token
+(``_native_tier.py``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ class Engine(NativeTier):
                 OTLP_MIDDLEWARE_CPU_SAMPLER,
             )
         self.errors = RateLimitedLog(logger)
-        self._root_codes: set[CodeType] = set()  # kept across fork, like the extension's
+        # id(code) -> code of the registered root codes (ids: a code object's hash is slow);
+        # kept across fork, like the extension's
+        self._root_codes: dict[int, CodeType] = {}
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):
@@ -147,7 +150,7 @@ class Engine(NativeTier):
     # ------------------------------------------------------------------ introspection
     @property
     def open_scopes(self) -> int:
-        return self._open
+        return self._open + len(self._code_roots)
 
     @property
     def sampler_thread_running(self) -> bool:
@@ -174,7 +177,7 @@ class Engine(NativeTier):
         if method not in METHODS:
             raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
         with self._lock:
-            if self._open:
+            if self.open_scopes:
                 raise RuntimeError("set_method(): scopes are open")
             self._method = method
             self._native = self._native_module if method in ("auto", "native") else None
@@ -238,7 +241,15 @@ class Engine(NativeTier):
     def open_root_scope(
         self, root_frame: FrameType, period_ns: int, max_depth: int, max_duration_ns: int | None
     ) -> Scope:
-        """``open_frame_scope`` without off-CPU sampling, positional: the request path's call."""
+        """``open_frame_scope`` without off-CPU sampling, positional: the request path's call.
+
+        A frame running a registered root code (``register_root_code``) takes the leanest
+        path when it can (``open_code_scope``).
+        """
+        if self._native is not None:
+            scope = self.open_code_scope(root_frame, period_ns, max_depth, max_duration_ns)
+            if scope is not None:
+                return scope
         return self._open_scope(root_frame, period_ns, False, max_duration_ns, max_depth)
 
     def _open_scope(
@@ -296,6 +307,9 @@ class Engine(NativeTier):
 
     def close(self, scope: Scope) -> None:
         """Stop collecting for ``scope``. Idempotent; safe after fork (a no-op there)."""
+        if scope.code_root:
+            self.close_code_scope(scope)
+            return
         closed_ns = time.time_ns()
         with self._lock:
             self._remove(scope)  # drains the native ring into the scope first
@@ -476,14 +490,15 @@ class Engine(NativeTier):
         a pristine process; a later scope sets everything up again.
         """
         with self._lock:
-            if self._open:
+            if self.open_scopes:
                 return
             collector, self._collector = self._collector, None
         if collector is not None:
             collector.stop()  # outside the lock: the collector takes it to drain
         with self._lock:
-            if self._open:
+            if self.open_scopes:
                 return
+            self._code_seen = False
             self.teardown_native()
             if self._handler_installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGPROF, signal.SIG_DFL)

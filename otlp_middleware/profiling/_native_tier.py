@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from types import CodeType, FrameType
 from typing import Any
 
@@ -52,7 +53,7 @@ class NativeTier:
     _entries: dict[int, ThreadEntry]
     _native: Any
     _native_module: Any
-    _root_codes: set[CodeType]
+    _root_codes: dict[int, CodeType]
     _lock: threading.Lock
     _collector: Collector | None
 
@@ -66,8 +67,11 @@ class NativeTier:
         self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
         # id(root frame) -> the lean root scopes on it (see ``_add_native_root``)
         self._native_roots: dict[int, tuple[Scope, ...]] = {}
-        # -id(frame) -> (tid, thread name, (scope,)) of scopes rooted at a registered root code
-        self._code_roots: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
+        # -id(frame) -> the scope rooted there, at a registered root code (``open_code_scope``);
+        # changed without the engine lock (single dict operations)
+        self._code_roots: dict[int, Scope] = {}
+        self._code_seen = False  # a code scope opened since the collector last looked
+        self._thread_names: dict[int, str] = {}
         # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
@@ -106,23 +110,22 @@ class NativeTier:
         native = self._native_module
         if native is None:
             return False
-        if code not in self._root_codes:
+        if id(code) not in self._root_codes:
             try:
                 native.add_root_code(code)
             except RuntimeError as exc:  # more than the extension's small fixed table
                 logger.debug("otlp_middleware: root code not registered: %s", exc)
                 return False
-            self._root_codes.add(code)
+            self._root_codes[id(code)] = code
         return True
 
     def _add_native_root(self, scope: Scope) -> bool:
-        """The request path's case, kept lean: an async root scope only the native tier samples.
+        """An async root scope only the native tier samples, kept out of the snapshots.
 
         Called with the engine lock held, for a scope opened on its own thread without
         off-CPU sampling. No other tier reads it, so it stays out of ``_entries`` (no snapshot
-        copies, no thread clock): it lives in ``_code_roots`` when its frame runs a root code
-        and the thread is already sampled at its period, else in ``_native_roots`` behind a
-        root token. False if the native sampler cannot take it (the caller falls back).
+        copies, no thread clock): it lives in ``_native_roots`` behind a root token. False if
+        the native sampler cannot take it (the caller falls back).
         """
         root = scope.root_frame
         assert root is not None
@@ -130,27 +133,6 @@ class NativeTier:
         periods = self._native_periods
         period = scope.period_ns
         periods[period] = periods.get(period, 0) + 1
-        if (
-            period == self._native_period
-            and root.f_code in self._root_codes
-            and -id(root) not in self._code_roots
-            and native.thread_armed()
-        ):
-            # The request path at its leanest: the sampler already runs at this period on
-            # this thread, and the handler knows the frame by its code. A sample belongs to
-            # the scope if it holds this frame and was taken after the scope opened (an
-            # address is reused only once its frame is gone, so an earlier frame's late
-            # sample is older than the scope).
-            self._code_roots[-id(root)] = (
-                scope.thread_id,
-                threading.current_thread().name,
-                (scope,),
-            )
-            scope.native_tier = scope.code_root = True
-            collector = self._collector
-            if collector is None or not collector.active:
-                self._wake_collector()
-            return True
         key = id(root)
         roots = self._native_roots
         group = roots.get(key)
@@ -189,16 +171,6 @@ class NativeTier:
         root = scope.root_frame
         if root is None:
             return False
-        if scope.code_root:
-            key = -id(root)
-            held = self._code_roots.get(key)
-            if held is None or held[2][0] is not scope:
-                return False
-            self.collect()  # while registered: the scope's samples are in the ring already
-            del self._code_roots[key]
-            scope.root_frame = None
-            self._release_period(scope.period_ns)
-            return True
         key = id(root)
         roots = self._native_roots
         group = roots.get(key, ())
@@ -227,6 +199,67 @@ class NativeTier:
             self.collect()
         self._release_period(scope.period_ns)
         return True
+
+    def open_code_scope(
+        self, root: FrameType, period_ns: int, max_depth: int, max_duration_ns: int | None
+    ) -> Scope | None:
+        """The request path at its leanest: a scope on a frame running a root code.
+
+        Taken when the sampler already runs at ``period_ns`` and the calling thread is
+        armed, which is the case from a server's second profiled request on. The handler
+        knows the frame by its code, so opening takes no lock, makes no token and touches
+        the extension once (``mark``); the scope is one entry in ``_code_roots``, where
+        ``collect`` finds it by frame id. A sample belongs to it if it was taken after the
+        scope opened: a frame's address is reused only once the frame is gone, so an earlier
+        frame's late sample is older than the scope. None where this does not apply (the
+        caller takes the general path).
+        """
+        native = self._native
+        if (
+            native is None
+            or period_ns != self._native_period
+            or id(root.f_code) not in self._root_codes
+        ):
+            return None
+        key = -id(root)
+        code_roots = self._code_roots
+        if key in code_roots:
+            return None  # a second scope on the same frame: the general path
+        mark = native.mark()
+        if mark < 0:
+            return None  # not started, or this thread is not armed
+        scope = Scope(
+            thread_id=threading.get_ident(),
+            root_frame=None,  # the frame's id is the key: the scope does not keep it alive
+            period_ns=period_ns,
+            include_system_calls=False,
+            max_duration_ns=max_duration_ns,
+            max_depth=max_depth,
+        )
+        scope.native_tier = scope.code_root = True
+        scope.mark = mark
+        scope.root_key = key
+        code_roots[key] = scope
+        self._code_seen = True
+        return scope
+
+    def close_code_scope(self, scope: Scope) -> None:
+        """Close a scope ``open_code_scope`` made (idempotent).
+
+        If no sample at all was published since it opened (``mark`` unchanged), none can be
+        its own and the ring is left to the collector; otherwise it is drained now, while the
+        scope is still registered, so the scope has its samples when this returns.
+        """
+        if scope.closed_ns is not None:
+            return
+        native = self._native_module
+        if native.mark() != scope.mark:
+            with self._lock:
+                self.collect()
+        code_roots = self._code_roots
+        if code_roots.get(scope.root_key) is scope:
+            del code_roots[scope.root_key]
+        scope.closed_ns = time.time_ns()
 
     def _native_schedule(self) -> None:
         """Start the native sampler, or retune it, for the shortest period of its scopes."""
@@ -333,6 +366,8 @@ class NativeTier:
         if native is None or not native.is_started() or self._native_periods:
             return
         self.collect()
+        if self._code_roots or self._code_seen:
+            return  # code scopes open without the lock: they keep the sampler
         native.stop()
         self._native_period = 0
         self._tokens.clear()
@@ -341,6 +376,7 @@ class NativeTier:
         self._retired_tokens.clear()
         self._native_roots.clear()
         self._frame_ids.clear()
+        self._thread_names.clear()
 
     def _intern_frames(self, frames: tuple[tuple[str, str, int, int], ...]) -> tuple[int, ...]:
         # The extension hands out one cached tuple per (function, line): the frame ids are
@@ -353,6 +389,14 @@ class NativeTier:
                 fid = frame_ids[f] = FRAMES.intern(*f)
             out.append(fid)
         return tuple(out)
+
+    def _thread_name(self, tid: int) -> str:
+        """The name of the thread ``tid`` (cached until the sampler is torn down)."""
+        name = self._thread_names.get(tid)
+        if name is None:
+            name = next((t.name for t in threading.enumerate() if t.ident == tid), "")
+            self._thread_names[tid] = name
+        return name
 
     def collect(self) -> None:
         """Move the native sampler's recorded samples into their scopes (needs the GIL)."""
@@ -369,9 +413,14 @@ class NativeTier:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
                 for rt in root_tokens:
-                    g = tokens.get(rt) if rt > 0 else code_roots.get(rt)
-                    if g is not None and (rt > 0 or ts >= g[2][0].opened_ns):
-                        groups.append(g)
+                    if rt > 0:
+                        g = tokens.get(rt)
+                        if g is not None:
+                            groups.append(g)
+                    else:
+                        s = code_roots.get(rt)
+                        if s is not None and ts >= s.opened_ns:
+                            groups.append((s.thread_id, self._thread_name(s.thread_id), (s,)))
                 if not groups:
                     continue
                 try:

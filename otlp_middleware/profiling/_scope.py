@@ -42,26 +42,21 @@ class Scope:
     Created by ``ENGINE.open_thread_scope`` / ``ENGINE.open_frame_scope``; closed with
     ``ENGINE.close(scope)``. ``samples`` is a deque appended from the sampling tiers (an
     atomic operation, safe from a signal handler).
+
+    One is made per profiled request, so it is cheap to make: no ``__slots__``, and what
+    most scopes leave at its default is a class attribute, not set per instance.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "closed_ns",
-        "code_root",
-        "deadline_ns",
-        "include_system_calls",
-        "max_depth",
-        "methods",
-        "native_tier",
-        "opened_mono_ns",
-        "opened_ns",
-        "period_ns",
-        "root_frame",
-        "samples",
-        "signal_tier",
-        "swept",
-        "thread_id",
-    )
+    closed_ns: int | None = None
+    deadline_ns: int | None = None  # Unix time after which samples are not kept
+    include_system_calls = False
+    root_frame: FrameType | None = None
+    native_tier = False  # sampled by the native tier (set by the engine)
+    code_root = False  # a native root found by its code object (set by the engine)
+    root_key = 0  # a code root's key in the engine's code roots (-id(frame))
+    mark = -1  # a code root's reading of the extension's sample count when it opened
+    signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
+    swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
 
     def __init__(
         self,
@@ -74,25 +69,22 @@ class Scope:
         max_depth: int,
     ) -> None:
         self.thread_id = thread_id
-        self.root_frame = root_frame
+        if root_frame is not None:
+            self.root_frame = root_frame
         self.period_ns = period_ns
-        self.include_system_calls = include_system_calls
+        if include_system_calls:
+            self.include_system_calls = True
         self.max_depth = max_depth
         self.samples: collections.deque[CpuSample] = collections.deque()
         self.methods: dict[str, int] = {}
-        self.opened_ns = time.time_ns()
-        self.opened_mono_ns = time.monotonic_ns()
-        self.deadline_ns = self.opened_mono_ns + max_duration_ns if max_duration_ns else None
-        self.closed_ns: int | None = None
-        self.native_tier = False  # sampled by the native tier (set by the engine)
-        self.code_root = False  # a native root found by its code object (set by the engine)
-        self.signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
-        self.swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
+        self.opened_ns = opened = time.time_ns()
+        if max_duration_ns:
+            self.deadline_ns = opened + max_duration_ns
 
     def record(self, sample: CpuSample, method: str) -> None:
         if self.closed_ns is not None:
             return
-        if self.deadline_ns is not None and time.monotonic_ns() > self.deadline_ns:
+        if self.deadline_ns is not None and sample.timestamp_ns > self.deadline_ns:
             return
         self.samples.append(sample)
         self.methods[method] = self.methods.get(method, 0) + 1
@@ -100,10 +92,9 @@ class Scope:
     @property
     def duration_ns(self) -> int:
         end = self.closed_ns if self.closed_ns is not None else time.time_ns()
-        d = end - self.opened_ns
         if self.deadline_ns is not None:
-            d = min(d, self.deadline_ns - self.opened_mono_ns)
-        return max(d, 0)
+            end = min(end, self.deadline_ns)
+        return max(end - self.opened_ns, 0)
 
 
 class ThreadClock:

@@ -102,7 +102,8 @@ class Collector:
             with engine._lock:
                 try:
                     engine.collect()
-                    if engine._native_periods:
+                    if engine._native_periods or engine._code_roots or engine._code_seen:
+                        engine._code_seen = False
                         idle_since = None
                     elif idle_since is None:
                         idle_since = time.monotonic()

@@ -196,6 +196,8 @@ static struct sigaction g_old_action;
 static slot_t *g_ring;
 static uint64_t g_mask;
 static _Atomic uint64_t g_head;
+/* Samples published since the module loaded; never reset (mark() compares two readings). */
+static _Atomic uint64_t g_published;
 static uint64_t g_tail; /* consumer side, touched only with the GIL */
 static func_t *g_funcs;
 
@@ -774,6 +776,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     memcpy(s->frames, frames, sizeof(frame_ref_t) * (size_t)depth);
     atomic_store_explicit(&s->seq, pos + 1, memory_order_release);
     atomic_fetch_add_explicit(&st_samples, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_published, 1, memory_order_release);
     if (truncated) {
         atomic_fetch_add_explicit(&st_truncated, 1, memory_order_relaxed);
     }
@@ -1727,6 +1730,19 @@ static PyObject *py_thread_armed(PyObject *self, PyObject *unused)
     return thread_armed_now();
 }
 
+/* The request path's one call per scope edge: -1 unless the sampler runs and the calling
+ * thread is armed, else the count of samples published so far.  Equal readings at a
+ * scope's open and close mean no sample at all was recorded in between (a thread's own
+ * samples are published before its handler returns), so the close need not drain. */
+static PyObject *py_mark(PyObject *self, PyObject *unused)
+{
+    check_fork_fast();
+    if (!(g_started && tl_armed && tl_has_timer && tl_gen == g_gen)) {
+        return PyLong_FromLong(-1);
+    }
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&g_published, memory_order_acquire));
+}
+
 static PyObject *py_is_started(PyObject *self, PyObject *unused)
 {
     check_fork_fast(); /* on every scope opened */
@@ -1775,6 +1791,9 @@ static PyMethodDef methods[] = {
     {"thread_armed", py_thread_armed, METH_NOARGS,
      "thread_armed()\n--\n\nWhether the calling thread's timer is armed."},
     {"is_started", py_is_started, METH_NOARGS, "is_started()\n--\n\nWhether start() ran."},
+    {"mark", py_mark, METH_NOARGS,
+     "mark()\n--\n\n-1 unless started and the calling thread is armed; else the number of "
+     "samples published so far (two equal readings: no sample in between)."},
     {"_after_fork_child", py_after_fork_child, METH_NOARGS,
      "_after_fork_child()\n--\n\nReset all state in a forked child (timers are not "
      "inherited)."},
