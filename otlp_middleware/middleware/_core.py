@@ -16,9 +16,11 @@ counted in ``stats()``, and the request goes on as if unprofiled.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import fnmatch
+import functools
 import logging
 import re
 import time
@@ -274,6 +276,11 @@ class RequestProfiler:
         self._faults = 0
         if cpu is not None:
             _offload.install()
+        # At exit, the records of ended requests still with the engine's collector go to the
+        # queue before the queue's own exit flush: exit hooks run last registered first, so
+        # the engine's hook moves after every processor made so far.
+        atexit.unregister(ENGINE.flush_code_scopes)
+        atexit.register(ENGINE.flush_code_scopes)
 
     # ------------------------------------------------------------------ decision
     def should_profile(
@@ -411,7 +418,20 @@ class RequestProfiler:
             self._sampled += 1
         return scope
 
-    def emit_root(
+    def end_root(self, scope: Scope) -> bool:
+        """End an ``open_root`` scope (idempotent); False if it cannot have samples.
+
+        False means the request is over for profiling (counted as empty); True means the
+        adapter hands it on with ``defer_root``.
+        """
+        ENGINE.end_code_scope(scope)
+        if scope.quiet and not scope.samples:
+            ENGINE.drop_code_scope(scope)
+            self._empty += 1
+            return False
+        return True
+
+    def defer_root(
         self,
         scope: Scope,
         method: str,
@@ -419,27 +439,47 @@ class RequestProfiler:
         error: BaseException | None,
         route_source: Callable[[], str | None] | None,
     ) -> None:
-        """Queue the record of a closed ``open_root`` scope that has samples. Never raises."""
+        """Queue the record of an ended ``open_root`` scope once its samples are collected.
+
+        The engine's collector thread drains the ring and then builds the record (or counts
+        the request empty): the request path does neither. The OpenTelemetry context is
+        taken now, for the span link.
+        """
+        finish = functools.partial(
+            self._finish_root,
+            method,
+            status_code,
+            error,
+            route_source,
+            otel_context.get_current(),
+        )
+        ENGINE.release_code_scope(scope, finish)
+
+    def _finish_root(
+        self,
+        method: str,
+        status_code: int | None,
+        error: BaseException | None,
+        route_source: Callable[[], str | None] | None,
+        otel_ctx: otel_context.Context,
+        scope: Scope,
+    ) -> None:
+        handle = RequestHandle(self, otel_ctx, method)
+        if self._extra:
+            handle.attributes.update(self._extra)
+        if error is not None:
+            handle.set_error(error)
+            if status_code is None:
+                status_code = 500
+        handle.status_code = status_code
+        handle.route_source = route_source
+        handle._cpu_scope = scope
+        handle._done = True
         try:
-            handle = RequestHandle(self, otel_context.get_current(), method)
-            if self._extra:
-                handle.attributes.update(self._extra)
-            if error is not None:
-                handle.set_error(error)
-                if status_code is None:
-                    status_code = 500
-            handle.status_code = status_code
-            handle.route_source = route_source
-            handle._cpu_scope = scope
-            handle._done = True
-            self._close_scopes(handle)  # the scope is closed: this takes its samples
+            self._close_scopes(handle)  # the scope has ended: this takes its samples
             self._emit(handle)
         except Exception:
             self._fault("closing a request's profile")
-
-    def count_empty(self) -> None:
-        """A closed ``open_root`` scope without samples: nothing to export."""
-        self._empty += 1
 
     def open_slot(self, method: str, handle: RequestHandle | None) -> RequestSlot | None:
         """The request's slot for route decorators, or None when no decorator is in use."""
@@ -520,6 +560,8 @@ class RequestProfiler:
         _faults.exception("otlp_middleware: failure in %s; the request is not affected", where)
 
     def stats(self) -> ProfilerStats:
+        """The counters, with every request that has ended counted."""
+        ENGINE.flush_code_scopes()
         return ProfilerStats(
             requests=self._requests,
             sampled=self._sampled,
@@ -529,7 +571,10 @@ class RequestProfiler:
         )
 
     def force_flush(self, timeout: float = 30.0) -> bool:
+        """Queue the ended requests' records still with the engine, then flush the queue."""
+        ENGINE.flush_code_scopes()
         return self.processor.force_flush(timeout)
 
     def shutdown(self, timeout: float = 30.0) -> None:
+        ENGINE.flush_code_scopes()
         self.processor.shutdown(timeout)

@@ -90,8 +90,9 @@ class ProfilingMiddleware:
         Its frame is the request's root. The engine knows this coroutine's code (registered
         in ``__init__``), so on the native tier, from the second request on, the request's
         CPU scope is one dictionary entry (``Engine.open_code_scope``) and nothing else is
-        made per request: the status is a local, and a ``RequestHandle`` (its record) is made
-        only for a request that has samples. Elsewhere ``_call_with_handle`` does the work.
+        made per request: the status is a local, and only a request during which a sample
+        was taken is handed on, to have its record built on the engine's collector thread.
+        Elsewhere ``_call_with_handle`` does the work.
         """
         profiler = self.profiler
         cpu = profiler.open_root(sys._getframe())
@@ -99,17 +100,18 @@ class ProfilingMiddleware:
             await self._call_with_handle(scope, receive, send, method)
             return
         token = _offload.CURRENT_SCOPE.set(cpu)
+        root_path = scope.get("root_path", "")
         status: int | None = None
         error: BaseException | None = None
 
         def send_wrapper(message: Message) -> Awaitable[None]:
-            # as _watch_send: the status, and the scope closes at the last body chunk
+            # as _watch_send: the status, and the scope ends at the last body chunk
             nonlocal status
             kind = message.get("type")
             if kind == "http.response.start":
                 status = message.get("status")
             elif kind == "http.response.body" and not message.get("more_body", False):
-                ENGINE.close(cpu)
+                ENGINE.end_code_scope(cpu)
             return send(message)
 
         try:
@@ -118,15 +120,11 @@ class ProfilingMiddleware:
             error = exc
             raise
         finally:
-            ENGINE.close(cpu)
             profiler.exit_context(token)
-            if cpu.samples:
-                root_path = scope.get("root_path", "")
-                profiler.emit_root(
+            if profiler.end_root(cpu):
+                profiler.defer_root(
                     cpu, method, status, error, lambda: _route_or_none(scope, root_path)
                 )
-            else:
-                profiler.count_empty()
 
     async def _call_with_handle(
         self, scope: Scope, receive: Receive, send: Send, method: str

@@ -495,6 +495,7 @@ class Engine(NativeTier):
             collector, self._collector = self._collector, None
         if collector is not None:
             collector.stop()  # outside the lock: the collector takes it to drain
+        self.flush_code_scopes()
         with self._lock:
             if self.open_scopes:
                 return

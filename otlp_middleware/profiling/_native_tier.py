@@ -20,16 +20,18 @@ The request path is the hot case, kept lean in three steps:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
 from ..types import CpuSample
 from ._frames import FRAMES, truncate, truncated_marker
-from ._scope import Scope, ThreadEntry, decrement
+from ._scope import RateLimitedLog, Scope, ThreadEntry, decrement
 from ._workers import Collector
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class NativeTier:
     _root_codes: dict[int, CodeType]
     _lock: threading.Lock
     _collector: Collector | None
+    errors: RateLimitedLog
 
     def init_native_state(self, module: Any) -> None:
         self._native = module
@@ -71,6 +74,10 @@ class NativeTier:
         # changed without the engine lock (single dict operations)
         self._code_roots: dict[int, Scope] = {}
         self._code_seen = False  # a code scope opened since the collector last looked
+        # Code scopes released by their request (``release_code_scope``) whose samples the
+        # next drain may still hold, then those collected whose ``finish`` is due.
+        self._released: collections.deque[Scope] = collections.deque()
+        self._finished: collections.deque[Scope] = collections.deque()
         self._thread_names: dict[int, str] = {}
         # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
@@ -244,22 +251,78 @@ class NativeTier:
         return scope
 
     def close_code_scope(self, scope: Scope) -> None:
-        """Close a scope ``open_code_scope`` made (idempotent).
+        """Close a scope ``open_code_scope`` made, at once (idempotent).
 
         If no sample at all was published since it opened (``mark`` unchanged), none can be
-        its own and the ring is left to the collector; otherwise it is drained now, while the
-        scope is still registered, so the scope has its samples when this returns.
+        its own; otherwise the ring is drained now, while the scope is still registered, so
+        the scope has its samples when this returns. (The ASGI request path instead ends
+        its scope with ``end_code_scope`` and hands it to the collector.)
         """
         if scope.closed_ns is not None:
             return
-        native = self._native_module
-        if native.mark() != scope.mark:
+        self.end_code_scope(scope)
+        if not scope.quiet:
             with self._lock:
                 self.collect()
+        self.drop_code_scope(scope)
+
+    def end_code_scope(self, scope: Scope) -> None:
+        """A code scope's end (its response is complete): samples after it are not its own.
+
+        One ``mark`` call; idempotent. The scope stays registered while its frame lives:
+        ``drop_code_scope`` or ``release_code_scope`` then. ``scope.quiet`` tells whether
+        no sample at all was published between its open and its end.
+        """
+        if scope.closed_ns is None:
+            scope.closed_ns = time.time_ns()
+            scope.quiet = self._native_module.mark() == scope.mark
+
+    def drop_code_scope(self, scope: Scope) -> None:
+        """Forget an ended code scope without collecting for it (it has no samples)."""
         code_roots = self._code_roots
         if code_roots.get(scope.root_key) is scope:
             del code_roots[scope.root_key]
-        scope.closed_ns = time.time_ns()
+
+    def release_code_scope(self, scope: Scope, finish: Callable[[Scope], None]) -> None:
+        """Hand an ended code scope that may have samples to the collector.
+
+        Its samples may still be in the ring: the collector's next drain gives them to it,
+        then calls ``finish(scope)`` on the collector thread (or in ``flush_code_scopes``).
+        So the request path never drains the ring nor builds a record.
+        """
+        scope.finish = finish
+        self._released.append(scope)  # first: collect looks here once it leaves _code_roots
+        self.drop_code_scope(scope)
+
+    def flush_code_scopes(self) -> None:
+        """Collect now and finish every released code scope (``force_flush``, exit)."""
+        if self._released or self._finished:
+            with self._lock:
+                self.collect()
+            self.run_finished()
+
+    def run_finished(self) -> None:
+        """Call the ``finish`` of the released code scopes collected so far (no lock held)."""
+        finished = self._finished
+        while finished:
+            try:
+                scope = finished.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            finish, scope.finish = scope.finish, None
+            if finish is not None:
+                try:
+                    finish(scope)
+                except Exception:
+                    self.errors.exception("otlp_middleware: finishing a request's profile failed")
+
+    def _released_scope(self, key: int, ts: int, closing: list[Scope]) -> Scope | None:
+        """The released code scope at frame ``key`` whose time span holds ``ts``, if any."""
+        for group in (closing, tuple(self._released)):
+            for s in group:
+                if s.root_key == key and s.opened_ns <= ts <= (s.closed_ns or ts):
+                    return s
+        return None
 
     def _native_schedule(self) -> None:
         """Start the native sampler, or retune it, for the shortest period of its scopes."""
@@ -366,7 +429,7 @@ class NativeTier:
         if native is None or not native.is_started() or self._native_periods:
             return
         self.collect()
-        if self._code_roots or self._code_seen:
+        if self._code_roots or self._code_seen or self._released:
             return  # code scopes open without the lock: they keep the sampler
         native.stop()
         self._native_period = 0
@@ -403,6 +466,10 @@ class NativeTier:
         native = self._native_module
         if native is None:
             return
+        released = self._released
+        # Released before this drain, so all their samples are in it (a thread's samples are
+        # published before its scope ends): finished after it.
+        closing = [released.popleft() for _ in range(len(released))]
         samples = native.drain()  # empty when not started
         if samples:
             tokens = self._tokens
@@ -412,6 +479,7 @@ class NativeTier:
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
+                code_scopes: list[Scope] = []
                 for rt in root_tokens:
                     if rt > 0:
                         g = tokens.get(rt)
@@ -419,9 +487,11 @@ class NativeTier:
                             groups.append(g)
                     else:
                         s = code_roots.get(rt)
-                        if s is not None and ts >= s.opened_ns:
-                            groups.append((s.thread_id, self._thread_name(s.thread_id), (s,)))
-                if not groups:
+                        if s is None or ts < s.opened_ns or ts > (s.closed_ns or ts):
+                            s = self._released_scope(rt, ts, closing)
+                        if s is not None:
+                            code_scopes.append(s)
+                if not groups and not code_scopes:
                     continue
                 try:
                     stack = tuple([frame_ids[f] for f in frames])
@@ -429,8 +499,17 @@ class NativeTier:
                     stack = self._intern_frames(frames)
                 if len(stack) >= max_native_depth:
                     stack += (truncated_marker(1),)
-                tid, name = groups[0][0], groups[0][1]
+                if groups:
+                    tid, name = groups[0][0], groups[0][1]
+                else:
+                    tid = code_scopes[0].thread_id
+                    name = self._thread_name(tid)
                 sample = CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts)
+                for s in code_scopes:  # matched by time above: an ended one takes it too
+                    if len(stack) > s.max_depth:
+                        s.take(sample._replace(stack=truncate(stack, s.max_depth)), "native")
+                    else:
+                        s.take(sample, "native")
                 for _, _, scopes in groups:
                     for s in scopes:
                         if len(stack) > s.max_depth:
@@ -441,3 +520,5 @@ class NativeTier:
             retired, self._retired_tokens = self._retired_tokens, []
             for token in retired:
                 self._tokens.pop(token, None)
+        if closing:
+            self._finished.extend(closing)

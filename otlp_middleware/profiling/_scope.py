@@ -12,6 +12,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from ..types import CpuSample
@@ -55,6 +56,8 @@ class Scope:
     code_root = False  # a native root found by its code object (set by the engine)
     root_key = 0  # a code root's key in the engine's code roots (-id(frame))
     mark = -1  # a code root's reading of the extension's sample count when it opened
+    quiet = False  # a code root: no sample at all was published between its open and end
+    finish: Callable[[Scope], None] | None = None  # a released code root's (engine-called)
     signal_tier = False  # sampled by the SIGPROF tier (set by the engine)
     swept = False  # sampled by the sampler thread (CPU or off-CPU wall time)
 
@@ -82,8 +85,13 @@ class Scope:
             self.deadline_ns = opened + max_duration_ns
 
     def record(self, sample: CpuSample, method: str) -> None:
+        """Keep a sample taken now (while the scope is open)."""
         if self.closed_ns is not None:
             return
+        self.take(sample, method)
+
+    def take(self, sample: CpuSample, method: str) -> None:
+        """Keep a sample its taker matched to this scope by time, even if it has closed."""
         if self.deadline_ns is not None and sample.timestamp_ns > self.deadline_ns:
             return
         self.samples.append(sample)

@@ -114,3 +114,4 @@ class Collector:
                         self._active.clear()
                 except Exception:
                     self._errors.exception("otlp_middleware: draining native samples failed")
+            engine.run_finished()  # the released request scopes' records, without the lock
