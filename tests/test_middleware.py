@@ -198,6 +198,34 @@ def test_excluded_paths_and_disabled_middleware() -> None:
     assert mw.profiler.stats().sampled == 0 and off.profiler.stats().sampled == 0
 
 
+@pytest.mark.parametrize(
+    "globs",
+    [
+        ("/health*", "/livez", "/readyz", "/metrics", "/favicon.ico"),  # the defaults
+        ("/a/*/b", "/x?", "/p[ab]*", "*.css", "/*/deep*", "/exact", "/pre*"),
+        ("*",),
+        (),
+    ],
+)
+def test_path_globs_match_exactly_as_fnmatchcase(globs: tuple[str, ...]) -> None:
+    """The split into exact paths, prefixes and one regex keeps fnmatch's semantics."""
+    import fnmatch
+
+    from otlp_middleware.middleware._core import split_globs
+
+    exact, prefixes, match = split_globs(globs)
+    paths = [
+        "/", "/health", "/healthz/deep", "/Health", "/livez", "/livez/", "/readyz", "/metrics",
+        "/metrics2", "/favicon.ico", "/a/q/b", "/a/b", "/xy", "/x", "/pa", "/pc", "/pb/x",
+        "/s/x.css", "/q/deep/x", "/exact", "/exact/", "/prefix", "/pr",
+    ]  # fmt: skip
+    for path in paths:
+        ours = (
+            path in exact or path.startswith(prefixes) or (match is not None and bool(match(path)))
+        )
+        assert ours == any(fnmatch.fnmatchcase(path, g) for g in globs), (path, globs)
+
+
 def test_requests_without_samples_export_nothing() -> None:
     async def quick(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": []})

@@ -864,3 +864,125 @@ def test_root_code_frames_carry_minus_their_id(native: ModuleType) -> None:
     samples = native.drain()
     assert samples
     assert {s[1] for s in samples} == {(-keys[0],)}
+
+
+# --------------------------------------------------------------------------- request path in C
+
+
+class _Scope:
+    """What ``end_scope`` and ``SendWatcher`` read and write on a scope."""
+
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.closed_ns: int | None = None
+        self.quiet = False
+
+
+def test_mark_counts_published_samples_on_an_armed_thread(native: ModuleType) -> None:
+    """-1 unless armed; two equal readings mean no sample was published in between."""
+    assert native.mark() == -1  # not started
+    native.start(999)
+    assert native.mark() == -1  # started, this thread not armed
+    readings: list[tuple[int, int, int]] = []
+
+    def body() -> None:
+        native.arm_thread(7)
+        try:
+            first = native.mark()
+            again = native.mark()  # nothing ran in between
+            burst(0.1)  # ~100 samples at 999 Hz
+            readings.append((first, again, native.mark()))
+        finally:
+            native.disarm_thread()
+
+    run_in_thread(body)
+    first, again, after = readings[0]
+    assert first >= 0 and again == first
+    assert after - first == len(native.drain()) > 0
+
+
+def test_end_scope_sets_the_end_once_and_whether_it_was_quiet(native: ModuleType) -> None:
+    native.start(999)
+    ends: list[tuple[int | None, bool, int | None, bool]] = []
+
+    def body() -> None:
+        native.arm_thread(7)
+        try:
+            quiet = _Scope(native.mark())
+            native.end_scope(quiet)  # no sample since its mark
+            first_end = quiet.closed_ns
+            native.end_scope(quiet)  # idempotent: the first end stays
+            busy = _Scope(native.mark())
+            burst(0.05)
+            native.end_scope(busy)
+            ends.append((first_end, quiet.quiet, busy.closed_ns, busy.quiet))
+            assert quiet.closed_ns == first_end
+        finally:
+            native.disarm_thread()
+
+    before = time.time_ns()
+    run_in_thread(body)
+    first_end, was_quiet, busy_end, busy_quiet = ends[0]
+    assert first_end is not None and before <= first_end <= time.time_ns()
+    assert was_quiet is True
+    assert busy_end is not None and busy_quiet is False
+    unarmed = _Scope(native.mark())  # -1 here: an unarmed thread is never quiet
+    native.end_scope(unarmed)
+    assert unarmed.quiet is False
+    with pytest.raises(AttributeError):
+        native.end_scope(object())
+
+
+def test_send_watcher_notes_status_and_ends_at_the_last_body(native: ModuleType) -> None:
+    """Messages pass through unchanged; the scope ends at the last body chunk only."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> str:
+        sent.append(message)
+        return "sent"
+
+    scope = _Scope(-1)
+    watcher = native.SendWatcher(send, scope)
+    assert watcher.status is None
+
+    async def respond() -> list[Any]:
+        results = [await watcher({"type": "http.response.start", "status": 206})]
+        results.append(
+            await watcher({"type": "http.response.body", "body": b"a", "more_body": True})
+        )
+        assert scope.closed_ns is None  # a stream: not complete yet
+        results.append(await watcher({"type": "http.response.body", "body": b"b"}))
+        return results
+
+    assert asyncio.run(respond()) == ["sent"] * 3
+    assert watcher.status == 206 and scope.closed_ns is not None
+    assert [m.get("body") for m in sent] == [None, b"a", b"b"]
+
+
+def test_send_watcher_never_raises_its_own_errors(native: ModuleType) -> None:
+    """Odd messages and a scope it cannot end pass through; send's own errors propagate."""
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    class Mapping(dict):  # type: ignore[type-arg]
+        pass
+
+    watcher = native.SendWatcher(send, object())  # end_scope fails on it: swallowed
+
+    async def odd() -> None:
+        await watcher(Mapping(type="http.response.start", status=200))
+        await watcher({"type": 42})
+        await watcher(["not", "a", "mapping"])
+        await watcher({"type": "http.response.body", "more_body": "yes"})
+        await watcher({"type": "http.response.body"})
+
+    asyncio.run(odd())
+    assert len(sent) == 5 and watcher.status == 200
+
+    async def failing(message: Any) -> None:
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(native.SendWatcher(failing, _Scope(-1))({"type": "http.response.body"}))

@@ -741,3 +741,64 @@ def test_a_root_codes_samples_from_before_the_scope_are_not_its_own() -> None:
         engine.uninstall()
         _cpu_native.disarm_thread()
     assert [s.cpu_ns for s in got] == [7_000_000]
+
+
+@needs_native
+@pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
+def test_released_request_scopes_get_their_samples_by_time() -> None:
+    """The ASGI request path ends its scope and hands it to the collector (no drain there).
+
+    A later drain gives each released scope exactly the samples taken between its open and
+    its end, also when the next request's frame already holds the same address (the same
+    key): one before, one between and one in the next scope. Then ``finish`` is called,
+    once per scope, and nothing is left behind. An engine of its own, on the real
+    extension with ``drain`` replaced, hands it exactly such samples.
+    """
+    from otlp_middleware.profiling import _cpu_native
+    from otlp_middleware.profiling._engine import Engine
+
+    ring = _Ring(_cpu_native, [])
+    engine = Engine(native_module=ring)
+    finished: list[tuple[str, list[int]]] = []
+
+    def finish(name: str) -> Callable[[Any], None]:
+        return lambda scope: finished.append((name, [s.cpu_ns for s in scope.samples]))
+
+    def request_root() -> None:
+        frame = sys._getframe()
+        assert engine.register_root_code(request_root.__code__)
+        period = 10_101_010
+        warm = engine.open_root_scope(frame, period, 128, None)  # starts and arms the sampler
+        engine.close(warm)
+        first = engine.open_code_scope(frame, period, 128, None)
+        assert first is not None and first.code_root
+        engine.end_code_scope(first)
+        assert first.closed_ns is not None
+        engine.release_code_scope(first, finish("first"))
+        time.sleep(0.001)  # the "between" sample below is strictly between the two scopes
+        second = engine.open_code_scope(frame, period, 128, None)  # the same frame: same key
+        assert second is not None and second.root_key == first.root_key
+        frames = (("request_root", __file__, 1, 2),)
+        key = first.root_key
+        ring.give(
+            [
+                (0, (key,), 1, 1_000, first.opened_ns - 1, frames),  # before either
+                (0, (key,), 1, 2_000, first.opened_ns, frames),  # the first's
+                (0, (key,), 1, 3_000, first.closed_ns + 1, frames),  # between them
+                (0, (key,), 1, 4_000, second.opened_ns, frames),  # the second's
+            ]
+        )
+        engine.flush_code_scopes()
+        assert finished == [("first", [2_000])]
+        assert [s.cpu_ns for s in second.samples] == [4_000]
+        engine.end_code_scope(second)
+        engine.release_code_scope(second, finish("second"))
+        engine.flush_code_scopes()
+
+    try:
+        request_root()
+    finally:
+        engine.uninstall()
+        _cpu_native.disarm_thread()
+    assert finished == [("first", [2_000]), ("second", [4_000])]
+    assert not engine._code_roots and not engine._released and not engine._finished

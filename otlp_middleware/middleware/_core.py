@@ -44,13 +44,28 @@ logger = logging.getLogger(__name__)
 _faults = RateLimitedLog(logger)
 
 
-def compile_globs(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """One regex for all path globs: a single match call per request."""
-    if not patterns:
-        return lambda path: False
-    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-    match = regex.match
-    return lambda path: match(path) is not None
+def split_globs(
+    patterns: Sequence[str],
+) -> tuple[frozenset[str], tuple[str, ...], Callable[[str], Any] | None]:
+    """Path globs as (exact paths, prefixes, the C ``match`` of one regex for the rest).
+
+    Checked per request, so the common shapes skip the regex engine: a glob without
+    wildcards is an exact path, one whose only wildcard is a trailing ``*`` a prefix
+    (fnmatch's ``*`` matches ``/`` too). Case-sensitive, as ``fnmatch.fnmatchcase``.
+    """
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    rest: list[str] = []
+    for pattern in patterns:
+        body = pattern[:-1] if pattern.endswith("*") else pattern
+        if any(c in body for c in "*?["):
+            rest.append(pattern)
+        elif body is pattern:
+            exact.add(pattern)
+        else:
+            prefixes.append(body)
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in rest)) if rest else None
+    return frozenset(exact), tuple(prefixes), regex.match if regex is not None else None
 
 
 def trace_sampled_flag(traceparent: str | None) -> bool | None:
@@ -263,7 +278,9 @@ class RequestProfiler:
         self.memory = memory
         self.enabled = enabled
         self.exclude_paths = tuple(exclude_paths)
-        self._excluded = compile_globs(self.exclude_paths) if self.exclude_paths else None
+        self._exclude_exact, self._exclude_prefixes, self._exclude_match = split_globs(
+            self.exclude_paths
+        )
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
@@ -298,7 +315,11 @@ class RequestProfiler:
             return False
         if options is not None and options.force is not None:
             return options.force
-        if self._excluded is not None and self._excluded(path):
+        if (
+            path in self._exclude_exact
+            or path.startswith(self._exclude_prefixes)
+            or (self._exclude_match is not None and self._exclude_match(path) is not None)
+        ):
             return False
         strategy = options.sampler if options is not None and options.sampler else self.sampler
         try:
@@ -424,9 +445,7 @@ class RequestProfiler:
         False means the request is over for profiling (counted as empty); True means the
         adapter hands it on with ``defer_root``.
         """
-        ENGINE.end_code_scope(scope)
-        if scope.quiet and not scope.samples:
-            ENGINE.drop_code_scope(scope)
+        if ENGINE.finish_code_scope(scope):  # quiet: no sample can be its own; forgotten
             self._empty += 1
             return False
         return True

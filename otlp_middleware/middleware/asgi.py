@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from functools import partial
 from typing import Any
 
 from ..profiling import _offload
@@ -65,66 +66,53 @@ class ProfilingMiddleware:
         self.app = app
         self.profiler = profiler if profiler is not None else build_request_profiler(**options)
         if self.profiler.cpu is not None:
-            ENGINE.register_root_code(ProfilingMiddleware._call_sampled.__code__)
+            ENGINE.register_root_code(ProfilingMiddleware.__call__.__code__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every request: decide; a sampled one at its leanest (it runs for each of them).
+
+        This coroutine's frame is the request's root. The engine knows its code (registered
+        in ``__init__``), so on the native tier, from the second request on, the request's
+        CPU scope is one dictionary entry (``Engine.open_code_scope``), ``send`` is watched
+        in C (``Engine.watch_send``: the status, and the scope's end at the last body
+        chunk), and only a request during which a sample was taken is handed on, to have
+        its record built on the engine's collector thread. Elsewhere ``_call_with_handle``
+        does the work through a ``RequestHandle``.
+        """
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         profiler = self.profiler
         method = scope.get("method", "GET")
-        sampled = profiler.should_profile(
-            method, scope.get("path", ""), headers=lambda: _headers(scope)
-        )
+        headers = partial(_headers, scope) if profiler.sampler.needs_request else None
+        sampled = profiler.should_profile(method, scope.get("path", ""), headers=headers)
         if ROUTE_DECORATORS["in_use"]:
             await self._call_with_slot(scope, receive, send, method, sampled)
             return
         if not sampled:
             await self.app(scope, receive, send)
             return
-        await self._call_sampled(scope, receive, send, method)
-
-    async def _call_sampled(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
-        """A sampled request at its leanest: this runs for every one of them.
-
-        Its frame is the request's root. The engine knows this coroutine's code (registered
-        in ``__init__``), so on the native tier, from the second request on, the request's
-        CPU scope is one dictionary entry (``Engine.open_code_scope``) and nothing else is
-        made per request: the status is a local, and only a request during which a sample
-        was taken is handed on, to have its record built on the engine's collector thread.
-        Elsewhere ``_call_with_handle`` does the work.
-        """
-        profiler = self.profiler
         cpu = profiler.open_root(sys._getframe())
         if cpu is None:
             await self._call_with_handle(scope, receive, send, method)
             return
         token = _offload.CURRENT_SCOPE.set(cpu)
         root_path = scope.get("root_path", "")
-        status: int | None = None
+        watcher = ENGINE.watch_send(send, cpu)
         error: BaseException | None = None
-
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            # as _watch_send: the status, and the scope ends at the last body chunk
-            nonlocal status
-            kind = message.get("type")
-            if kind == "http.response.start":
-                status = message.get("status")
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                ENGINE.end_code_scope(cpu)
-            return send(message)
-
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, watcher)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            profiler.exit_context(token)
+            try:  # noqa: SIM105 (per request: cheaper than contextlib.suppress)
+                _offload.CURRENT_SCOPE.reset(token)
+            except ValueError:  # reset from another context: nothing of ours to undo there
+                pass
             if profiler.end_root(cpu):
-                profiler.defer_root(
-                    cpu, method, status, error, lambda: _route_or_none(scope, root_path)
-                )
+                route = partial(_route_or_none, scope, root_path)
+                profiler.defer_root(cpu, method, watcher.status, error, route)
 
     async def _call_with_handle(
         self, scope: Scope, receive: Receive, send: Send, method: str

@@ -20,9 +20,12 @@ The request path is the hot case, kept lean in three steps:
 
 from __future__ import annotations
 
+import bisect
 import collections
+import functools
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +34,7 @@ from typing import Any
 
 from ..types import CpuSample
 from ._frames import FRAMES, truncate, truncated_marker
-from ._scope import RateLimitedLog, Scope, ThreadEntry, decrement
+from ._scope import CodeScope, RateLimitedLog, Scope, ThreadEntry, decrement
 from ._workers import Collector
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,33 @@ def load_native() -> Any:
     return _cpu_native
 
 
+_new_scope = object.__new__
+_opened_ns = operator.attrgetter("opened_ns")
+
+
+def _end_scope(scope: Scope) -> None:
+    # Without the extension no code scope is ever opened; kept for the type's sake.
+    if scope.closed_ns is None:
+        scope.closed_ns = time.time_ns()
+
+
+class _SendWatcher:
+    """``SendWatcher`` without the extension (never used on the request path there)."""
+
+    def __init__(self, send: Any, scope: Scope) -> None:
+        self._send = send
+        self._scope = scope
+        self.status: Any = None
+
+    def __call__(self, message: Any) -> Any:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            self.status = message.get("status")
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            _end_scope(self._scope)
+        return self._send(message)
+
+
 class NativeTier:
     """Engine methods of the native tier (state is initialised by ``init_native_state``)."""
 
@@ -59,9 +89,27 @@ class NativeTier:
     _lock: threading.Lock
     _collector: Collector | None
     errors: RateLimitedLog
+    end_code_scope: Callable[[Scope], None]
+    """A code scope's end (its response is complete): samples after it are not its own.
+
+    Idempotent; sets ``closed_ns`` and ``quiet`` (no sample at all was published between
+    the open and the end). The scope stays registered while its frame lives: then
+    ``drop_code_scope`` or ``release_code_scope``. The extension's ``end_scope``: no
+    Python frame on the request path."""
+    finish_code_scope: Callable[[Scope], bool]
+    """``end_code_scope``, then, if the scope is ``quiet`` (it cannot have samples), forget it
+    (``drop_code_scope``); returns ``quiet``. The extension's ``finish_scope``: no Python
+    frame on the request path."""
+    watch_send: Callable[[Any, Scope], Any]
+    """``watch_send(send, scope)``: an ASGI ``send`` that notes the response status
+    (``.status``) and ends ``scope`` at the last body chunk (the extension's
+    ``SendWatcher``)."""
 
     def init_native_state(self, module: Any) -> None:
         self._native = module
+        real = self._native_module
+        self.end_code_scope = real.end_scope if real is not None else _end_scope
+        self.watch_send = real.SendWatcher if real is not None else _SendWatcher
         self._native_periods: dict[int, int] = {}
         self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
@@ -73,6 +121,11 @@ class NativeTier:
         # -id(frame) -> the scope rooted there, at a registered root code (``open_code_scope``);
         # changed without the engine lock (single dict operations)
         self._code_roots: dict[int, Scope] = {}
+        self.finish_code_scope = (
+            functools.partial(real.finish_scope, self._code_roots)
+            if real is not None
+            else self._finish_code_scope
+        )
         self._code_seen = False  # a code scope opened since the collector last looked
         # Code scopes released by their request (``release_code_scope``) whose samples the
         # next drain may still hold, then those collected whose ``finish`` is due.
@@ -235,17 +288,18 @@ class NativeTier:
         mark = native.mark()
         if mark < 0:
             return None  # not started, or this thread is not armed
-        scope = Scope(
-            thread_id=threading.get_ident(),
-            root_frame=None,  # the frame's id is the key: the scope does not keep it alive
-            period_ns=period_ns,
-            include_system_calls=False,
-            max_duration_ns=max_duration_ns,
-            max_depth=max_depth,
-        )
-        scope.native_tier = scope.code_root = True
+        # Scope.__init__ without its frame (this runs per request): what it sets, inline.
+        scope = _new_scope(CodeScope)
+        scope.thread_id = threading.get_ident()
+        scope.period_ns = period_ns
+        scope.max_depth = max_depth
+        scope.samples = collections.deque()
+        scope.methods = {}
+        scope.opened_ns = opened = time.time_ns()
+        if max_duration_ns:
+            scope.deadline_ns = opened + max_duration_ns
         scope.mark = mark
-        scope.root_key = key
+        scope.root_key = key  # the frame's id: the scope does not keep the frame alive
         code_roots[key] = scope
         self._code_seen = True
         return scope
@@ -260,22 +314,19 @@ class NativeTier:
         """
         if scope.closed_ns is not None:
             return
-        self.end_code_scope(scope)
-        if not scope.quiet:
+        changed = self._native_module.mark() != scope.mark
+        if changed:
             with self._lock:
                 self.collect()
+        scope.closed_ns = time.time_ns()
+        scope.quiet = not changed
         self.drop_code_scope(scope)
 
-    def end_code_scope(self, scope: Scope) -> None:
-        """A code scope's end (its response is complete): samples after it are not its own.
-
-        One ``mark`` call; idempotent. The scope stays registered while its frame lives:
-        ``drop_code_scope`` or ``release_code_scope`` then. ``scope.quiet`` tells whether
-        no sample at all was published between its open and its end.
-        """
-        if scope.closed_ns is None:
-            scope.closed_ns = time.time_ns()
-            scope.quiet = self._native_module.mark() == scope.mark
+    def _finish_code_scope(self, scope: Scope) -> bool:
+        self.end_code_scope(scope)
+        if scope.quiet:
+            self.drop_code_scope(scope)
+        return scope.quiet
 
     def drop_code_scope(self, scope: Scope) -> None:
         """Forget an ended code scope without collecting for it (it has no samples)."""
@@ -316,12 +367,22 @@ class NativeTier:
                 except Exception:
                     self.errors.exception("otlp_middleware: finishing a request's profile failed")
 
-    def _released_scope(self, key: int, ts: int, closing: list[Scope]) -> Scope | None:
-        """The released code scope at frame ``key`` whose time span holds ``ts``, if any."""
-        for group in (closing, tuple(self._released)):
-            for s in group:
-                if s.root_key == key and s.opened_ns <= ts <= (s.closed_ns or ts):
-                    return s
+    def _released_scope(self, key: int, ts: int, closing: dict[int, list[Scope]]) -> Scope | None:
+        """The released code scope at frame ``key`` whose time span holds ``ts``, if any.
+
+        ``closing[key]`` holds the scopes of successive frames at one address, so their
+        spans are disjoint and in order: a bisection finds the one that may hold ``ts``.
+        """
+        group = closing.get(key)
+        if group:
+            i = bisect.bisect_right(group, ts, key=_opened_ns) - 1
+            if i >= 0 and ts <= (group[i].closed_ns or ts):
+                return group[i]
+        # released after this collect began (its samples may already be in this drain); a
+        # copy of the deque: the request path appends to it meanwhile
+        for s in tuple(self._released):
+            if s.root_key == key and s.opened_ns <= ts <= (s.closed_ns or ts):
+                return s
         return None
 
     def _native_schedule(self) -> None:
@@ -470,6 +531,9 @@ class NativeTier:
         # Released before this drain, so all their samples are in it (a thread's samples are
         # published before its scope ends): finished after it.
         closing = [released.popleft() for _ in range(len(released))]
+        closing_by_key: dict[int, list[Scope]] = {}
+        for scope in closing:  # in release order: by time, per frame address
+            closing_by_key.setdefault(scope.root_key, []).append(scope)
         samples = native.drain()  # empty when not started
         if samples:
             tokens = self._tokens
@@ -486,11 +550,11 @@ class NativeTier:
                         if g is not None:
                             groups.append(g)
                     else:
-                        s = code_roots.get(rt)
-                        if s is None or ts < s.opened_ns or ts > (s.closed_ns or ts):
-                            s = self._released_scope(rt, ts, closing)
-                        if s is not None:
-                            code_scopes.append(s)
+                        c = code_roots.get(rt)
+                        if c is None or ts < c.opened_ns or ts > (c.closed_ns or ts):
+                            c = self._released_scope(rt, ts, closing_by_key)
+                        if c is not None:
+                            code_scopes.append(c)
                 if not groups and not code_scopes:
                     continue
                 try:

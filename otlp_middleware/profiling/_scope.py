@@ -105,6 +105,13 @@ class Scope:
         return max(end - self.opened_ns, 0)
 
 
+class CodeScope(Scope):
+    """A scope on a frame running a registered root code (``Engine.open_code_scope``)."""
+
+    native_tier = True
+    code_root = True
+
+
 class ThreadClock:
     """A thread's CPU clock counted only while the thread is inside a scope."""
 

@@ -1755,6 +1755,265 @@ static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- the request path in C
+ *
+ * An ASGI request profiled at every request runs this at every request, after ~1 ms of
+ * other code has evicted the caches: each Python function it needs costs a few
+ * microseconds there.  So the two things the adapter does per response message (note the
+ * status, end the scope at the last body chunk) and the scope's end are C. */
+
+static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark, *s_root_key;
+static PyObject *s_response_start, *s_response_body;
+
+/* scope.closed_ns = now (Unix ns) unless set; scope.quiet = no sample published since
+ * scope.mark was read (mark() at the end equals the one at the open). */
+static int end_scope(PyObject *scope)
+{
+    PyObject *closed = PyObject_GetAttr(scope, s_closed_ns);
+    if (closed == NULL) {
+        return -1;
+    }
+    int open = closed == Py_None;
+    Py_DECREF(closed);
+    if (!open) {
+        return 0;
+    }
+    long long mark_now = -1;
+    check_fork_fast();
+    if (g_started && tl_armed && tl_has_timer && tl_gen == g_gen) {
+        mark_now = (long long)atomic_load_explicit(&g_published, memory_order_acquire);
+    }
+    PyObject *mark = PyObject_GetAttr(scope, s_mark);
+    if (mark == NULL) {
+        return -1;
+    }
+    long long mark_open = PyLong_AsLongLong(mark);
+    Py_DECREF(mark);
+    if (mark_open == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *now = PyLong_FromLongLong(now_ns(CLOCK_REALTIME));
+    if (now == NULL) {
+        return -1;
+    }
+    int err = PyObject_SetAttr(scope, s_closed_ns, now);
+    Py_DECREF(now);
+    if (err < 0) {
+        return -1;
+    }
+    int quiet = mark_open >= 0 && mark_now == mark_open;
+    return PyObject_SetAttr(scope, s_quiet, quiet ? Py_True : Py_False);
+}
+
+static PyObject *py_end_scope(PyObject *self, PyObject *scope)
+{
+    if (end_scope(scope) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* end_scope(); then, if no sample was published since the open (quiet), forget the scope:
+ * delete code_roots[scope.root_key] if it is this scope.  Returns quiet. */
+static PyObject *py_finish_scope(PyObject *self, PyObject *args)
+{
+    PyObject *scope, *code_roots;
+    if (!PyArg_ParseTuple(args, "O!O:finish_scope", &PyDict_Type, &code_roots, &scope)) {
+        return NULL;
+    }
+    if (end_scope(scope) < 0) {
+        return NULL;
+    }
+    PyObject *quiet = PyObject_GetAttr(scope, s_quiet);
+    if (quiet == NULL) {
+        return NULL;
+    }
+    int is_quiet = PyObject_IsTrue(quiet);
+    Py_DECREF(quiet);
+    if (is_quiet < 0) {
+        return NULL;
+    }
+    if (!is_quiet) {
+        Py_RETURN_FALSE;
+    }
+    PyObject *key = PyObject_GetAttr(scope, s_root_key);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *held = PyDict_GetItemWithError(code_roots, key);
+    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
+        held = NULL;
+    }
+    Py_DECREF(key);
+    if (held == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* message[key], a new reference; NULL without an error when missing */
+static PyObject *message_get(PyObject *message, PyObject *key)
+{
+    if (PyDict_Check(message)) {
+        PyObject *v = PyDict_GetItemWithError(message, key);
+        Py_XINCREF(v);
+        return v;
+    }
+    PyObject *v = PyObject_GetItem(message, key);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+    }
+    return v;
+}
+
+static int is_str(PyObject *v, PyObject *literal)
+{
+    return v != NULL && PyUnicode_Check(v) && PyUnicode_Compare(v, literal) == 0;
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *send;
+    PyObject *scope;
+    PyObject *status;
+    vectorcallfunc vectorcall;
+} SendWatcher;
+
+/* Note what the request needs from one message; never fails (the app must not see our
+ * errors: a message we cannot read is passed on unread). */
+static void watch(SendWatcher *w, PyObject *message)
+{
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    PyObject *kind = message_get(message, s_type);
+    if (is_str(kind, s_response_start)) {
+        PyObject *status = message_get(message, s_status);
+        if (status != NULL) {
+            Py_XSETREF(w->status, status);
+        }
+    }
+    else if (is_str(kind, s_response_body)) {
+        PyObject *more = message_get(message, s_more_body);
+        int more_body = more != NULL ? PyObject_IsTrue(more) : 0;
+        Py_XDECREF(more);
+        if (more_body == 0 && w->scope != Py_None) {
+            (void)end_scope(w->scope);
+        }
+    }
+    Py_XDECREF(kind);
+    PyErr_Clear();
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+}
+
+static PyObject *watcher_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames)
+{
+    SendWatcher *w = (SendWatcher *)self;
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n == 1 && kwnames == NULL) {
+        watch(w, args[0]);
+    }
+    return PyObject_Vectorcall(w->send, args, nargsf, kwnames);
+}
+
+static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *send, *scope;
+    if (!PyArg_ParseTuple(args, "OO:SendWatcher", &send, &scope)) {
+        return NULL;
+    }
+    SendWatcher *w = (SendWatcher *)type->tp_alloc(type, 0);
+    if (w == NULL) {
+        return NULL;
+    }
+    Py_INCREF(send);
+    Py_INCREF(scope);
+    w->send = send;
+    w->scope = scope;
+    w->status = NULL;
+    w->vectorcall = watcher_vectorcall;
+    return (PyObject *)w;
+}
+
+static int watcher_traverse(SendWatcher *w, visitproc visit, void *arg)
+{
+    Py_VISIT(w->send);
+    Py_VISIT(w->scope);
+    Py_VISIT(w->status);
+    return 0;
+}
+
+static int watcher_clear(SendWatcher *w)
+{
+    Py_CLEAR(w->send);
+    Py_CLEAR(w->scope);
+    Py_CLEAR(w->status);
+    return 0;
+}
+
+static void watcher_dealloc(SendWatcher *w)
+{
+    PyObject_GC_UnTrack(w);
+    watcher_clear(w);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *watcher_get_status(SendWatcher *w, void *closure)
+{
+    if (w->status == NULL) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(w->status);
+}
+
+static PyGetSetDef watcher_getset[] = {
+    {"status", (getter)watcher_get_status, NULL,
+     "The status of the http.response.start message sent so far (None before it).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SendWatcherType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otlp_middleware.profiling._cpu_native.SendWatcher",
+    .tp_basicsize = sizeof(SendWatcher),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "SendWatcher(send, scope)\n--\n\nAn ASGI send callable: passes every message to "
+              "send unchanged and returns its awaitable; notes the response status (status) "
+              "and ends scope (end_scope) at the last http.response.body message.",
+    .tp_new = watcher_new,
+    .tp_traverse = (traverseproc)watcher_traverse,
+    .tp_clear = (inquiry)watcher_clear,
+    .tp_dealloc = (destructor)watcher_dealloc,
+    .tp_vectorcall_offset = offsetof(SendWatcher, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = watcher_getset,
+};
+
+static int init_request_path(PyObject *m)
+{
+    s_type = PyUnicode_InternFromString("type");
+    s_status = PyUnicode_InternFromString("status");
+    s_more_body = PyUnicode_InternFromString("more_body");
+    s_closed_ns = PyUnicode_InternFromString("closed_ns");
+    s_quiet = PyUnicode_InternFromString("quiet");
+    s_mark = PyUnicode_InternFromString("mark");
+    s_root_key = PyUnicode_InternFromString("root_key");
+    s_response_start = PyUnicode_InternFromString("http.response.start");
+    s_response_body = PyUnicode_InternFromString("http.response.body");
+    if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_root_key ||
+        !s_response_start || !s_response_body) {
+        return -1;
+    }
+    if (PyType_Ready(&SendWatcherType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&SendWatcherType);
+    if (PyModule_AddObject(m, "SendWatcher", (PyObject *)&SendWatcherType) < 0) {
+        Py_DECREF(&SendWatcherType);
+        return -1;
+    }
+    return 0;
+}
+
 static PyMethodDef methods[] = {
     {"start", (PyCFunction)(void (*)(void))py_start, METH_VARARGS | METH_KEYWORDS,
      "start(hz, capacity=4096)\n--\n\nInstall the signal handler and allocate the sample "
@@ -1791,6 +2050,12 @@ static PyMethodDef methods[] = {
     {"thread_armed", py_thread_armed, METH_NOARGS,
      "thread_armed()\n--\n\nWhether the calling thread's timer is armed."},
     {"is_started", py_is_started, METH_NOARGS, "is_started()\n--\n\nWhether start() ran."},
+    {"end_scope", py_end_scope, METH_O,
+     "end_scope(scope)\n--\n\nUnless scope.closed_ns is set: set it to now (Unix ns) and "
+     "scope.quiet to whether mark() still equals scope.mark."},
+    {"finish_scope", py_finish_scope, METH_VARARGS,
+     "finish_scope(code_roots, scope)\n--\n\nend_scope(scope); then, if scope.quiet, delete "
+     "code_roots[scope.root_key] when it is scope. Returns scope.quiet."},
     {"mark", py_mark, METH_NOARGS,
      "mark()\n--\n\n-1 unless started and the calling thread is armed; else the number of "
      "samples published so far (two equal readings: no sample in between)."},
@@ -1828,7 +2093,7 @@ PyMODINIT_FUNC PyInit__cpu_native(void)
     }
     if (PyModule_AddIntConstant(m, "SIGNAL", g_signo) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_ROOTS", MAX_ROOTS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_ROOTS", MAX_ROOTS) < 0 || init_request_path(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
