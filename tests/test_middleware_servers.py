@@ -150,6 +150,23 @@ def test_uvicorn_errors_and_streaming(tmp_path: object) -> None:
     assert all(c["http.response.status_code"] == "200" for c in by_route["/stream"])
 
 
+def test_uvicorn_exports_the_last_profiles_at_shutdown(tmp_path: object) -> None:
+    """uvicorn re-raises the SIGTERM it handled, so exit hooks never run: the middleware
+    exports what is still queued (and still with the engine's collector) when the lifespan
+    shutdown completes. With a one-minute export delay only that flush can write them."""
+    out = str(tmp_path)
+    port = free_port()
+    argv = uvicorn_argv("tests.apps.asgi_app:app", port)
+    env = {"TEST_OUTPUT_DIR": out, "TEST_SCHEDULE_DELAY": "60"}
+    with serve(argv, port, env, ready_path="/health") as base:
+        for _ in range(6):  # ~6 samples each at 99 Hz: each yields a profile
+            assert httpx.get(base + "/beta?ms=60", timeout=10).status_code == 200
+        assert load_profiles(out) == {}  # nothing exported yet
+    profiles = load_profiles(out)
+    assert len(profiles) == 6
+    assert {comments(p).get("http.route") for p in profiles.values()} == {"/beta"}
+
+
 def test_gunicorn_gthread_concurrent_requests_stay_separate(tmp_path: object) -> None:
     out = str(tmp_path)
     port = free_port()

@@ -1,8 +1,11 @@
 """``ProfilingMiddleware``: pure ASGI middleware profiling sampled HTTP requests.
 
 Pure ASGI (never Starlette's ``BaseHTTPMiddleware``, which breaks contextvar propagation):
-non-HTTP scopes (lifespan, websocket) pass straight through, ``send`` is wrapped only to
+non-HTTP scopes (lifespan, websocket) pass through, ``send`` is wrapped only to
 read the status and to notice the last body chunk, and responses stream unchanged.
+
+The lifespan scope passes through too, except that the profiles still queued are exported
+when the app reports its shutdown complete.
 
 A sampled request owns the frames below this middleware's own coroutine frame: samples of
 the event loop's thread belong to the request whose frame is on the sampled stack, so
@@ -12,6 +15,8 @@ concurrent requests on one loop never share samples. Work the request offloads t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import partial
@@ -21,6 +26,8 @@ from ..profiling import _offload
 from ..profiling._engine import ENGINE
 from ._core import ROUTE_DECORATORS, RequestHandle, RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,6 +87,8 @@ class ProfilingMiddleware:
         does the work through a ``RequestHandle``.
         """
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._flushing_at_shutdown(send)
             await self.app(scope, receive, send)
             return
         profiler = self.profiler
@@ -113,6 +122,30 @@ class ProfilingMiddleware:
             if profiler.end_root(cpu):
                 route = partial(_route_or_none, scope, root_path)
                 profiler.defer_root(cpu, method, watcher.status, error, route)
+
+    def _flushing_at_shutdown(self, send: Send) -> Send:
+        """``send`` for the lifespan scope: flush the profiles before shutdown completes.
+
+        Servers may end the process without running exit hooks (uvicorn re-raises the
+        SIGTERM it handled), so the profiles of the last requests are exported when the
+        app reports its shutdown complete, in a worker thread (the loop keeps running).
+        """
+
+        async def send_wrapper(message: Message) -> None:
+            if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                profiler = self.profiler
+                timeout = profiler.processor.export_timeout
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, profiler.force_flush, timeout
+                    )
+                except Exception:
+                    logger.warning(
+                        "otlp_middleware: flushing profiles at shutdown failed", exc_info=True
+                    )
+            await send(message)
+
+        return send_wrapper
 
     async def _call_with_handle(
         self, scope: Scope, receive: Receive, send: Send, method: str

@@ -62,6 +62,7 @@ class PprofBuilder:
         self._functions: dict[tuple[str, str, int], int] = {}
         self._locations_by_frame: dict[int, int] = {}
         self._locations_by_content: dict[tuple[int, int], int] = {}
+        self._locations_by_stack: dict[tuple[int, ...], tuple[int, ...]] = {}
         # (location ids, sorted label items) -> accumulated values
         self._samples: dict[
             tuple[tuple[int, ...], tuple[tuple[str, LabelValue], ...]], list[int]
@@ -115,7 +116,10 @@ class PprofBuilder:
         """Add one sample; identical stacks with identical labels are summed."""
         if len(values) != self._n_values:
             raise ValueError(f"expected {self._n_values} values, got {len(values)}")
-        locs = tuple(self._location(f) for f in stack)
+        frames = stack if isinstance(stack, tuple) else tuple(stack)
+        locs = self._locations_by_stack.get(frames)
+        if locs is None:  # stacks repeat: each is resolved once
+            locs = self._locations_by_stack[frames] = tuple(self._location(f) for f in frames)
         key = (locs, tuple(sorted(labels.items())) if labels else ())
         acc = self._samples.get(key)
         if acc is None:

@@ -35,11 +35,9 @@ from typing import Any
 from ..types import CpuSample
 from ._frames import FRAMES, truncate, truncated_marker
 from ._scope import CodeScope, RateLimitedLog, Scope, ThreadEntry, decrement
-from ._workers import Collector
+from ._workers import NATIVE_CAPACITY, Collector
 
 logger = logging.getLogger(__name__)
-
-NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
 
 
 def load_native() -> Any:
@@ -127,6 +125,7 @@ class NativeTier:
             else self._finish_code_scope
         )
         self._code_seen = False  # a code scope opened since the collector last looked
+        self._last_drained = 0  # samples the last drain took (the collector paces itself)
         # Code scopes released by their request (``release_code_scope``) whose samples the
         # next drain may still hold, then those collected whose ``finish`` is due.
         self._released: collections.deque[Scope] = collections.deque()
@@ -535,6 +534,7 @@ class NativeTier:
         for scope in closing:  # in release order: by time, per frame address
             closing_by_key.setdefault(scope.root_key, []).append(scope)
         samples = native.drain()  # empty when not started
+        self._last_drained = len(samples)
         if samples:
             tokens = self._tokens
             frame_ids = self._frame_ids

@@ -114,6 +114,6 @@ app = OpenTelemetryMiddleware(
         sampler=os.environ.get("TEST_SAMPLER", "always"),
         output_dir=os.environ["TEST_OUTPUT_DIR"],
         exclude_paths=["/health"],
-        schedule_delay=0.2,
+        schedule_delay=float(os.environ.get("TEST_SCHEDULE_DELAY", "0.2")),
     )
 )
