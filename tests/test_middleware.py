@@ -311,6 +311,38 @@ def test_faults_inside_profiling_do_not_break_requests(
     assert "the request is not affected" in caplog.text
 
 
+@pytest.mark.skipif(
+    not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
+    reason="the lean path runs on the native tier",
+)
+@pytest.mark.parametrize("where", ["open_code_scope", "finish_code_scope", "release_code_scope"])
+def test_faults_on_the_lean_request_path_do_not_break_requests(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each engine call of the lean ASGI path (from a server's second request on) fails."""
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter)
+    try:
+        asyncio.run(asgi_get(mw, "/warm"))  # the first request starts and arms the sampler
+        assert ENGINE._code_roots == {}
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("engine bug")
+
+        if where == "release_code_scope":  # reached only by a request that may have samples
+            monkeypatch.setattr(ENGINE, "finish_code_scope", lambda scope: False)
+        monkeypatch.setattr(ENGINE, where, broken)
+        sent = asyncio.run(asgi_get(mw, "/x"))
+        monkeypatch.undo()
+        assert sent[0]["status"] == 200 and sent[-1]["body"] == b"ok"
+        # open_code_scope fails twice: the lean path, then the general one trying it first
+        assert mw.profiler.stats().faults == (2 if where == "open_code_scope" else 1)
+    finally:
+        monkeypatch.undo()
+        ENGINE._code_roots.clear()  # what the broken calls left registered
+        mw.profiler.shutdown(5)
+
+
 def test_never_sampler_skips_everything() -> None:
     exporter = KeepingExporter()
     mw = make(cpu_app, exporter, sampler=NeverSample())

@@ -445,7 +445,12 @@ class RequestProfiler:
         False means the request is over for profiling (counted as empty); True means the
         adapter hands it on with ``defer_root``.
         """
-        if ENGINE.finish_code_scope(scope):  # quiet: no sample can be its own; forgotten
+        try:
+            quiet = ENGINE.finish_code_scope(scope)  # quiet: no sample can be its own
+        except Exception:
+            self._fault("closing a request's profile")
+            return False
+        if quiet:  # forgotten already
             self._empty += 1
             return False
         return True
@@ -464,15 +469,18 @@ class RequestProfiler:
         the request empty): the request path does neither. The OpenTelemetry context is
         taken now, for the span link.
         """
-        finish = functools.partial(
-            self._finish_root,
-            method,
-            status_code,
-            error,
-            route_source,
-            otel_context.get_current(),
-        )
-        ENGINE.release_code_scope(scope, finish)
+        try:
+            finish = functools.partial(
+                self._finish_root,
+                method,
+                status_code,
+                error,
+                route_source,
+                otel_context.get_current(),
+            )
+            ENGINE.release_code_scope(scope, finish)
+        except Exception:
+            self._fault("closing a request's profile")
 
     def _finish_root(
         self,
