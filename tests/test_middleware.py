@@ -115,6 +115,53 @@ def test_asgi_profiles_a_request_with_its_span(tracer: trace.Tracer) -> None:
     assert exporter.shut
 
 
+def test_lean_path_record_has_span_status_route_and_error(
+    tracer: trace.Tracer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the second request on, the ASGI path hands the ended scope to the collector;
+    the record built there keeps the span, status, route template and error of its request."""
+    from types import SimpleNamespace
+
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        workloads.hot_function(0.1)
+        scope["route"] = SimpleNamespace(path="/items/{id}")  # as Starlette's router sets it
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        if scope["path"] != "/warm":
+            raise RuntimeError("after the response")
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+    handed_on: list[Any] = []
+    defer_root = mw.profiler.defer_root
+    monkeypatch.setattr(
+        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
+    )
+
+    async def main() -> Any:
+        await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
+        with tracer.start_as_current_span("server") as span:
+            with pytest.raises(RuntimeError, match="after the response"):
+                await asgi_get(mw, "/items/7")
+            return span.get_span_context()
+
+    ctx = asyncio.run(main())
+    mw.profiler.shutdown(5)
+    if ENGINE.native_available and ENGINE.method in ("auto", "native"):
+        assert [s.code_root for s in handed_on] == [True]
+    record = exporter.records[-1]
+    assert record.link is not None
+    assert record.link.trace_id == ctx.trace_id.to_bytes(16, "big")
+    assert record.attributes["http.route"] == "/items/{id}"
+    assert record.attributes["http.response.status_code"] == 201
+    assert record.attributes["error.type"] == "RuntimeError"
+    assert "hot_function" in names(record)
+
+
 def test_non_http_scopes_pass_through_untouched() -> None:
     seen: list[dict[str, Any]] = []
 
@@ -320,6 +367,9 @@ def test_faults_on_the_lean_request_path_do_not_break_requests(
     where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each engine call of the lean ASGI path (from a server's second request on) fails."""
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
     exporter = KeepingExporter()
     mw = make(cpu_app, exporter)
     try:
@@ -333,7 +383,6 @@ def test_faults_on_the_lean_request_path_do_not_break_requests(
             monkeypatch.setattr(ENGINE, "finish_code_scope", lambda scope: False)
         monkeypatch.setattr(ENGINE, where, broken)
         sent = asyncio.run(asgi_get(mw, "/x"))
-        monkeypatch.undo()
         assert sent[0]["status"] == 200 and sent[-1]["body"] == b"ok"
         # open_code_scope fails twice: the lean path, then the general one trying it first
         assert mw.profiler.stats().faults == (2 if where == "open_code_scope" else 1)

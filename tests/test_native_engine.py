@@ -699,6 +699,15 @@ class _Ring:
         return getattr(self._real, name)
 
 
+def _warm_code_root(engine: Any, frame: Any) -> int:
+    """Register ``frame``'s code as a root code and start and arm the sampler at a period,
+    as a server's first request does; returns the period."""
+    assert engine.register_root_code(frame.f_code)
+    period = 10_101_010
+    engine.close(engine.open_root_scope(frame, period, 128, None))
+    return period
+
+
 @needs_native
 @pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
 def test_a_root_codes_samples_from_before_the_scope_are_not_its_own() -> None:
@@ -717,10 +726,7 @@ def test_a_root_codes_samples_from_before_the_scope_are_not_its_own() -> None:
 
     def request_root() -> list[object]:
         frame = sys._getframe()
-        assert engine.register_root_code(request_root.__code__)
-        period = 10_101_010
-        warm = engine.open_root_scope(frame, period, 128, None)  # starts and arms the sampler
-        engine.close(warm)
+        period = _warm_code_root(engine, frame)
         scope = engine.open_root_scope(frame, period, 128, None)
         assert scope.code_root
         frames = (("request_root", __file__, 1, 2),)
@@ -766,10 +772,7 @@ def test_released_request_scopes_get_their_samples_by_time() -> None:
 
     def request_root() -> None:
         frame = sys._getframe()
-        assert engine.register_root_code(request_root.__code__)
-        period = 10_101_010
-        warm = engine.open_root_scope(frame, period, 128, None)  # starts and arms the sampler
-        engine.close(warm)
+        period = _warm_code_root(engine, frame)
         first = engine.open_code_scope(frame, period, 128, None)
         assert first is not None and first.code_root
         engine.end_code_scope(first)

@@ -363,23 +363,6 @@ class RequestProfiler:
         unprofiled.
         """
         cpu = self.cpu
-        if options is None and root_frame is not None and self._lean_root and cpu is not None:
-            # An async request with CPU samples only: the ASGI adapter's common case.
-            try:
-                handle = RequestHandle(self, otel_context.get_current(), method)
-                if route:
-                    handle.attributes["http.route"] = route
-                if self._extra:
-                    handle.attributes.update(self._extra)
-                args = self._root_args
-                if args[0] is not cpu:
-                    args = self._root_args = _root_scope_args(cpu)
-                handle._cpu_scope = ENGINE.open_root_scope(root_frame, args[1], args[2], args[3])
-                self._sampled += 1
-                return handle
-            except Exception:
-                self._fault("opening a request's profile")
-                return None
         try:
             handle = RequestHandle(self, otel_context.get_current(), method)
             handle._start_ns = time.time_ns()
@@ -398,9 +381,7 @@ class RequestProfiler:
                     cpu = CpuProfilerConfig()
             if cpu is not None:
                 if root_frame is not None and not cpu.include_system_calls:
-                    args = self._root_args
-                    if args[0] is not cpu:
-                        args = self._root_args = _root_scope_args(cpu)
+                    args = self._root_args_for(cpu)
                     handle._cpu_scope = ENGINE.open_root_scope(root_frame, *args[1:])
                 else:
                     handle._cpu_scope = open_cpu_scope(cpu, root_frame)
@@ -427,9 +408,9 @@ class RequestProfiler:
         cpu = self.cpu
         if not self._lean_root or cpu is None:
             return None
-        args = self._root_args
+        args = self._root_args  # _root_args_for(cpu), inline: this runs per request
         if args[0] is not cpu:
-            args = self._root_args = _root_scope_args(cpu)
+            args = self._root_args_for(cpu)
         try:
             scope = ENGINE.open_code_scope(root_frame, args[1], args[2], args[3])
         except Exception:
@@ -507,6 +488,12 @@ class RequestProfiler:
             self._emit(handle)
         except Exception:
             self._fault("closing a request's profile")
+
+    def _root_args_for(self, cpu: CpuProfilerConfig) -> tuple[Any, int, int, int | None]:
+        args = self._root_args
+        if args[0] is not cpu:
+            args = self._root_args = _root_scope_args(cpu)
+        return args
 
     def open_slot(self, method: str, handle: RequestHandle | None) -> RequestSlot | None:
         """The request's slot for route decorators, or None when no decorator is in use."""
