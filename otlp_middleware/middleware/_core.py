@@ -284,8 +284,6 @@ class RequestProfiler:
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
-        # True when a request on an async root frame needs nothing but a CPU scope there.
-        self._lean_root = cpu is not None and memory is None and not cpu.include_system_calls
         self._requests = 0
         self._sampled = 0
         self._emitted = 0
@@ -406,8 +404,8 @@ class RequestProfiler:
         ``emit_root`` (if the scope has samples) or ``count_empty`` once it is closed.
         """
         cpu = self.cpu
-        if not self._lean_root or cpu is None:
-            return None
+        if cpu is None or cpu.include_system_calls or self.memory is not None:
+            return None  # more than CPU samples on the root frame: ``begin``
         args = self._root_args  # _root_args_for(cpu), inline: this runs per request
         if args[0] is not cpu:
             args = self._root_args_for(cpu)

@@ -54,27 +54,10 @@ _new_scope = object.__new__
 _opened_ns = operator.attrgetter("opened_ns")
 
 
-def _end_scope(scope: Scope) -> None:
-    # Without the extension no code scope is ever opened; kept for the type's sake.
-    if scope.closed_ns is None:
-        scope.closed_ns = time.time_ns()
-
-
-class _SendWatcher:
-    """``SendWatcher`` without the extension (never used on the request path there)."""
-
-    def __init__(self, send: Any, scope: Scope) -> None:
-        self._send = send
-        self._scope = scope
-        self.status: Any = None
-
-    def __call__(self, message: Any) -> Any:
-        kind = message.get("type")
-        if kind == "http.response.start":
-            self.status = message.get("status")
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            _end_scope(self._scope)
-        return self._send(message)
+def _needs_extension(*args: Any) -> Any:
+    # The code-scope calls exist only with the extension: without it ``open_code_scope``
+    # returns None, so no caller ever reaches these.
+    raise RuntimeError("code scopes need the native sampler extension")
 
 
 class NativeTier:
@@ -106,8 +89,8 @@ class NativeTier:
     def init_native_state(self, module: Any) -> None:
         self._native = module
         real = self._native_module
-        self.end_code_scope = real.end_scope if real is not None else _end_scope
-        self.watch_send = real.SendWatcher if real is not None else _SendWatcher
+        self.end_code_scope = real.end_scope if real is not None else _needs_extension
+        self.watch_send = real.SendWatcher if real is not None else _needs_extension
         self._native_periods: dict[int, int] = {}
         self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
@@ -122,7 +105,7 @@ class NativeTier:
         self.finish_code_scope = (
             functools.partial(real.finish_scope, self._code_roots)
             if real is not None
-            else self._finish_code_scope
+            else _needs_extension
         )
         self._code_seen = False  # a code scope opened since the collector last looked
         self._last_drained = 0  # samples the last drain took (the collector paces itself)
@@ -320,12 +303,6 @@ class NativeTier:
         scope.closed_ns = time.time_ns()
         scope.quiet = not changed
         self.drop_code_scope(scope)
-
-    def _finish_code_scope(self, scope: Scope) -> bool:
-        self.end_code_scope(scope)
-        if scope.quiet:
-            self.drop_code_scope(scope)
-        return scope.quiet
 
     def drop_code_scope(self, scope: Scope) -> None:
         """Forget an ended code scope without collecting for it (it has no samples)."""
