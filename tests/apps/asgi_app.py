@@ -87,7 +87,7 @@ async def stream(request: Request) -> StreamingResponse:
 
 
 async def boom(request: Request) -> PlainTextResponse:
-    beta_work(5)
+    beta_work(20)  # ~2 samples at 99 Hz: five requests all without one are ~e^-10 unlikely
     raise RuntimeError("boom")
 
 
