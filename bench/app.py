@@ -3,7 +3,8 @@
 BENCH_MODE: ``bare`` (no middleware), ``never`` (middleware, nothing sampled), ``always``
 (every request profiled at 99 Hz, aggregate pprof files), ``otlp`` (every request profiled,
 exported as OTLP to BENCH_ENDPOINT), ``pyinstrument`` (a peer: pyinstrument's profiler around
-every request at 99 Hz; ``pip install pyinstrument``).
+every request at 99 Hz; ``pip install pyinstrument``). BENCH_HZ sets the sampling rate of
+``always`` and ``otlp`` (default 99).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Any
 
 from otlp_middleware.middleware import ProfilingMiddleware
+from otlp_middleware.profiling import CpuProfilerConfig
 
 
 def handler_work(ms: float = 1.0) -> int:
@@ -47,6 +49,9 @@ async def bare_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 MODE = os.environ.get("BENCH_MODE", "bare")
+# Sampling rate of the profiled variants; other rates separate the per-request cost from the
+# per-sample cost (the cost grows linearly with the rate).
+HZ = float(os.environ.get("BENCH_HZ", "99"))
 if MODE == "bare":
     app: Any = bare_app
 elif MODE == "never":
@@ -57,11 +62,17 @@ elif MODE == "always":
     app = ProfilingMiddleware(
         bare_app,
         sampler="always",
+        cpu=CpuProfilerConfig(sampling_frequency=HZ),
         aggregate=True,
         output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
 elif MODE == "otlp":
-    app = ProfilingMiddleware(bare_app, sampler="always", endpoint=os.environ["BENCH_ENDPOINT"])
+    app = ProfilingMiddleware(
+        bare_app,
+        sampler="always",
+        cpu=CpuProfilerConfig(sampling_frequency=HZ),
+        endpoint=os.environ["BENCH_ENDPOINT"],
+    )
 elif MODE == "pyinstrument":
     # A peer for comparison: pyinstrument's Profiler around every request (its documented
     # ASGI recipe), at our 99 Hz interval, the session dropped (no rendering, no export).

@@ -162,6 +162,51 @@ def test_lean_path_record_has_span_status_route_and_error(
     assert "hot_function" in names(record)
 
 
+def test_lean_asgi_path_attributes_offloaded_work_by_its_root_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lean path sets no contextvar: work offloaded with ``asyncio.to_thread``,
+    ``run_in_executor`` and anyio's ``to_thread.run_sync`` (Starlette's ``def`` endpoints)
+    finds the request by its root frame on the submitting stack."""
+    import anyio.to_thread
+
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+    from otlp_middleware.profiling import _offload
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(_offload.CURRENT_SCOPE.get())
+        if scope["path"] == "/work":
+            await asyncio.to_thread(workloads.hot_function, 0.1)
+            await asyncio.get_running_loop().run_in_executor(None, workloads.cold_function, 0.1)
+            await anyio.to_thread.run_sync(workloads.spin, 0.1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+    handed_on: list[Any] = []
+    defer_root = mw.profiler.defer_root
+    monkeypatch.setattr(
+        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
+    )
+
+    async def main() -> None:
+        await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
+        await asgi_get(mw, "/work")
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    if ENGINE.native_available and ENGINE.method in ("auto", "native"):
+        assert [s.code_root for s in handed_on] == [True]
+        assert seen[-1] is None, "the lean path sets no contextvar"
+    assert ENGINE._code_roots == {}
+    record = exporter.records[-1]
+    assert {"hot_function", "cold_function", "spin"} <= names(record), names(record)
+
+
 def test_non_http_scopes_pass_through_untouched() -> None:
     seen: list[dict[str, Any]] = []
 

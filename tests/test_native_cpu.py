@@ -986,3 +986,62 @@ def test_send_watcher_never_raises_its_own_errors(native: ModuleType) -> None:
 
     with pytest.raises(ConnectionResetError):
         asyncio.run(native.SendWatcher(failing, _Scope(-1))({"type": "http.response.body"}))
+
+
+def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
+    native: ModuleType,
+) -> None:
+    """open_scope makes the scope only where the lean path applies; release_scope queues it
+    with its finish and forgets it in code_roots; code_opens counts the scopes made."""
+    import collections
+
+    from otlp_middleware.profiling._scope import CodeScope
+
+    def root() -> FrameType:
+        return sys._getframe()
+
+    def other() -> FrameType:
+        return sys._getframe()
+
+    native.add_root_code(root.__code__)
+    code_roots: dict[int, Any] = {}
+    frame = root()
+    from otlp_middleware.profiling import CpuProfilerConfig
+
+    period = CpuProfilerConfig().period_ns
+    native.start(1e9 / period)  # as the engine starts it
+    results: dict[str, Any] = {}
+
+    def body() -> None:
+        results["unarmed"] = native.open_scope(CodeScope, code_roots, frame, period, 64, None)
+        native.arm_thread(0)
+        try:
+            results["wrong_period"] = native.open_scope(
+                CodeScope, code_roots, frame, period + 1, 64, None
+            )
+            results["not_a_root"] = native.open_scope(
+                CodeScope, code_roots, other(), period, 64, None
+            )
+            opens = native.code_opens()
+            results["scope"] = native.open_scope(CodeScope, code_roots, frame, period, 64, 10**9)
+            results["opens"] = native.code_opens() - opens
+            results["second"] = native.open_scope(CodeScope, code_roots, frame, period, 64, None)
+        finally:
+            native.disarm_thread()
+
+    before = time.time_ns()
+    run_in_thread(body)
+    assert results["unarmed"] is None and results["wrong_period"] is None
+    assert results["not_a_root"] is None and results["second"] is None
+    scope = results["scope"]
+    assert isinstance(scope, CodeScope) and results["opens"] == 1
+    assert code_roots == {-id(frame): scope} and scope.root_key == -id(frame)
+    assert scope.period_ns == period and scope.max_depth == 64 and scope.mark >= 0
+    assert before <= scope.opened_ns <= time.time_ns()
+    assert scope.deadline_ns == scope.opened_ns + 10**9
+    assert list(scope.samples) == [] and scope.methods == {} and scope.closed_ns is None
+    released: collections.deque[Any] = collections.deque()
+    native.release_scope(code_roots, released, scope, print)
+    assert list(released) == [scope] and scope.finish is print and code_roots == {}
+    with pytest.raises(TypeError):
+        native.open_scope(CodeScope, code_roots, "not a frame", period, 64, None)

@@ -274,8 +274,10 @@ class RequestProfiler:
     ) -> None:
         self.sampler = sampler
         self.processor = processor
-        self.cpu = cpu
-        self.memory = memory
+        self._cpu = cpu
+        self._memory = memory
+        self.lean_root: tuple[int, int, int | None] | None = None
+        self._update_lean_root()
         self.enabled = enabled
         self.exclude_paths = tuple(exclude_paths)
         self._exclude_exact, self._exclude_prefixes, self._exclude_match = split_globs(
@@ -296,6 +298,37 @@ class RequestProfiler:
         # the engine's hook moves after every processor made so far.
         atexit.unregister(ENGINE.flush_code_scopes)
         atexit.register(ENGINE.flush_code_scopes)
+
+    @property
+    def cpu(self) -> CpuProfilerConfig | None:
+        """CPU sampling configuration, or ``None`` for no CPU samples."""
+        return self._cpu
+
+    @cpu.setter
+    def cpu(self, value: CpuProfilerConfig | None) -> None:
+        self._cpu = value
+        self._update_lean_root()
+
+    @property
+    def memory(self) -> Any:
+        """A ``MemoryProfilerConfig`` for heap samples, or ``None``."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: Any) -> None:
+        self._memory = value
+        self._update_lean_root()
+
+    def _update_lean_root(self) -> None:
+        # ``lean_root``: the (period_ns, max_depth, max_duration_ns) of
+        # ``ENGINE.open_code_scope`` when a sampled request needs only on-CPU samples, which
+        # an async adapter can then take at its leanest; else None. Kept in step with
+        # ``cpu`` and ``memory`` by their setters.
+        cpu = self._cpu
+        if cpu is None or cpu.include_system_calls or self._memory is not None:
+            self.lean_root = None
+        else:
+            self.lean_root = _root_scope_args(cpu)[1:]
 
     # ------------------------------------------------------------------ decision
     def should_profile(
@@ -396,44 +429,6 @@ class RequestProfiler:
             self._fault("opening a request's profile")
             return None
 
-    def open_root(self, root_frame: FrameType) -> Scope | None:
-        """A sampled async request's CPU scope at its leanest, or None: then use ``begin``.
-
-        For a request that needs only CPU samples, on a frame running a registered root code
-        (``Engine.open_code_scope``). The adapter keeps the request's state itself and calls
-        ``emit_root`` (if the scope has samples) or ``count_empty`` once it is closed.
-        """
-        cpu = self.cpu
-        if cpu is None or cpu.include_system_calls or self.memory is not None:
-            return None  # more than CPU samples on the root frame: ``begin``
-        args = self._root_args  # _root_args_for(cpu), inline: this runs per request
-        if args[0] is not cpu:
-            args = self._root_args_for(cpu)
-        try:
-            scope = ENGINE.open_code_scope(root_frame, args[1], args[2], args[3])
-        except Exception:
-            self._fault("opening a request's profile")
-            return None
-        if scope is not None:
-            self._sampled += 1
-        return scope
-
-    def end_root(self, scope: Scope) -> bool:
-        """End an ``open_root`` scope (idempotent); False if it cannot have samples.
-
-        False means the request is over for profiling (counted as empty); True means the
-        adapter hands it on with ``defer_root``.
-        """
-        try:
-            quiet = ENGINE.finish_code_scope(scope)  # quiet: no sample can be its own
-        except Exception:
-            self._fault("closing a request's profile")
-            return False
-        if quiet:  # forgotten already
-            self._empty += 1
-            return False
-        return True
-
     def defer_root(
         self,
         scope: Scope,
@@ -442,11 +437,15 @@ class RequestProfiler:
         error: BaseException | None,
         route_source: Callable[[], str | None] | None,
     ) -> None:
-        """Queue the record of an ended ``open_root`` scope once its samples are collected.
+        """Queue the record of an ended lean code scope once its samples are collected.
+
+        For a sampled request an async adapter took at its leanest: a scope from
+        ``ENGINE.open_code_scope`` with ``lean_root``, ended by ``ENGINE.finish_code_scope``,
+        which found that samples may be its own.
 
         The engine's collector thread drains the ring and then builds the record (or counts
-        the request empty): the request path does neither. The OpenTelemetry context is
-        taken now, for the span link.
+        the request empty): the request path does neither. The context is taken now (a copy
+        is one C call); the collector reads the OpenTelemetry span from it.
         """
         try:
             finish = functools.partial(
@@ -455,7 +454,7 @@ class RequestProfiler:
                 status_code,
                 error,
                 route_source,
-                otel_context.get_current(),
+                contextvars.copy_context(),
             )
             ENGINE.release_code_scope(scope, finish)
         except Exception:
@@ -467,10 +466,10 @@ class RequestProfiler:
         status_code: int | None,
         error: BaseException | None,
         route_source: Callable[[], str | None] | None,
-        otel_ctx: otel_context.Context,
+        context: contextvars.Context,
         scope: Scope,
     ) -> None:
-        handle = RequestHandle(self, otel_ctx, method)
+        handle = RequestHandle(self, context.run(otel_context.get_current), method)
         if self._extra:
             handle.attributes.update(self._extra)
         if error is not None:

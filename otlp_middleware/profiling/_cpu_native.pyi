@@ -39,6 +39,9 @@ period, that happens only above twice the tick rate (125 Hz with a 250 Hz tick).
 """
 
 from types import CodeType, FrameType
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 #: The real-time signal the timers deliver (SIGRTMIN+3).
 SIGNAL: int
@@ -138,3 +141,24 @@ def armed_timers() -> int:
 
 def _after_fork_child() -> None:
     """Reset all state in a forked child: timers are not inherited by ``fork()``."""
+
+def open_scope(
+    cls: type[_T],
+    code_roots: dict[int, Any],
+    frame: FrameType,
+    period_ns: int,
+    max_depth: int,
+    max_duration_ns: int | None,
+) -> _T | None:
+    """A new scope on ``frame`` (an instance of ``cls`` made without ``__init__``, with
+    ``thread_id``, ``period_ns``, ``max_depth``, ``samples``, ``methods``, ``opened_ns``,
+    ``deadline_ns``, ``mark`` and ``root_key`` set) registered as ``code_roots[-id(frame)]``;
+    None unless the sampler runs at ``period_ns``, the calling thread is armed, ``frame``
+    runs a registered root code and holds no scope in ``code_roots``."""
+
+def release_scope(code_roots: dict[int, Any], released: Any, scope: Any, finish: Any) -> None:
+    """``scope.finish = finish``; ``released.append(scope)``; then delete
+    ``code_roots[scope.root_key]`` if it is ``scope``."""
+
+def code_opens() -> int:
+    """The number of scopes ``open_scope`` has made (never reset)."""

@@ -181,6 +181,7 @@ class Engine(NativeTier):
                 raise RuntimeError("set_method(): scopes are open")
             self._method = method
             self._native = self._native_module if method in ("auto", "native") else None
+            self._sync_code_opener()
 
     def method_for(self, tid: int) -> str:
         """The tier that samples CPU on thread ``tid`` right now."""
@@ -499,7 +500,7 @@ class Engine(NativeTier):
         with self._lock:
             if self.open_scopes:
                 return
-            self._code_seen = False
+            self.new_code_opens()  # those opened so far are closed (no open scope): done with
             self.teardown_native()
             if self._handler_installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGPROF, signal.SIG_DFL)

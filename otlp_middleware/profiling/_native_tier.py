@@ -50,8 +50,11 @@ def load_native() -> Any:
     return _cpu_native
 
 
-_new_scope = object.__new__
 _opened_ns = operator.attrgetter("opened_ns")
+
+
+def _no_code_scope(*args: Any) -> None:
+    return None  # no native tier: the caller takes the general path
 
 
 def _needs_extension(*args: Any) -> Any:
@@ -81,6 +84,27 @@ class NativeTier:
     """``end_code_scope``, then, if the scope is ``quiet`` (it cannot have samples), forget it
     (``drop_code_scope``); returns ``quiet``. The extension's ``finish_scope``: no Python
     frame on the request path."""
+    open_code_scope: Callable[[FrameType, int, int, int | None], Scope | None]
+    """``open_code_scope(root, period_ns, max_depth, max_duration_ns)``: the request path at
+    its leanest, a scope on a frame running a registered root code, or None (then the
+    caller takes the general path).
+
+    Taken when the sampler already runs at ``period_ns`` and the calling thread is armed,
+    which is the case from a server's second profiled request on. The handler knows the
+    frame by its code, so opening takes no lock and makes no token: it is one call into the
+    extension (``open_scope``), which makes the ``CodeScope`` and enters it in
+    ``_code_roots``, where ``collect`` finds it by frame id. A sample belongs to it if it
+    was taken after the scope opened: a frame's address is reused only once the frame is
+    gone, so an earlier frame's late sample is older than the scope."""
+    release_code_scope: Callable[[Scope, Callable[[Scope], None]], None]
+    """``release_code_scope(scope, finish)``: hand an ended code scope that may have samples
+    to the collector.
+
+    Its samples may still be in the ring: the collector's next drain gives them to it, then
+    calls ``finish(scope)`` on the collector thread (or in ``flush_code_scopes``). So the
+    request path never drains the ring nor builds a record. The extension's
+    ``release_scope`` (it appends to ``_released``, then forgets the scope in
+    ``_code_roots``)."""
     watch_send: Callable[[Any, Scope], Any]
     """``watch_send(send, scope)``: an ASGI ``send`` that notes the response status
     (``.status``) and ends ``scope`` at the last body chunk (the extension's
@@ -107,17 +131,38 @@ class NativeTier:
             if real is not None
             else _needs_extension
         )
-        self._code_seen = False  # a code scope opened since the collector last looked
+        self._code_opens_seen = 0  # the extension's code_opens() when the collector last looked
         self._last_drained = 0  # samples the last drain took (the collector paces itself)
         # Code scopes released by their request (``release_code_scope``) whose samples the
         # next drain may still hold, then those collected whose ``finish`` is due.
         self._released: collections.deque[Scope] = collections.deque()
         self._finished: collections.deque[Scope] = collections.deque()
+        self.release_code_scope = (
+            functools.partial(real.release_scope, self._code_roots, self._released)
+            if real is not None
+            else _needs_extension
+        )
         self._thread_names: dict[int, str] = {}
         # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
         self._collector = None
+        self._sync_code_opener()
+
+    def _sync_code_opener(self) -> None:
+        """Point ``open_code_scope`` at the extension while the native tier is in use."""
+        real = self._native_module
+        if real is not None and self._native is not None:
+            self.open_code_scope = functools.partial(real.open_scope, CodeScope, self._code_roots)
+        else:
+            self.open_code_scope = _no_code_scope
+
+    def new_code_opens(self) -> bool:
+        """Whether code scopes opened since the last call (they keep the sampler running)."""
+        real = self._native_module
+        opens = real.code_opens() if real is not None else 0
+        new, self._code_opens_seen = opens != self._code_opens_seen, opens
+        return new
 
     def _assign_native(self, scope: Scope) -> bool:
         """Register ``scope`` with the native sampler; False if it cannot take it."""
@@ -242,49 +287,20 @@ class NativeTier:
         self._release_period(scope.period_ns)
         return True
 
-    def open_code_scope(
-        self, root: FrameType, period_ns: int, max_depth: int, max_duration_ns: int | None
-    ) -> Scope | None:
-        """The request path at its leanest: a scope on a frame running a root code.
+    def code_scope_on_stack(self, frame: FrameType | None) -> Scope | None:
+        """The open code scope of the innermost frame from ``frame`` outwards that has one.
 
-        Taken when the sampler already runs at ``period_ns`` and the calling thread is
-        armed, which is the case from a server's second profiled request on. The handler
-        knows the frame by its code, so opening takes no lock, makes no token and touches
-        the extension once (``mark``); the scope is one entry in ``_code_roots``, where
-        ``collect`` finds it by frame id. A sample belongs to it if it was taken after the
-        scope opened: a frame's address is reused only once the frame is gone, so an earlier
-        frame's late sample is older than the scope. None where this does not apply (the
-        caller takes the general path).
+        A frame is in ``_code_roots`` only from its scope's open to its finish, while the
+        frame runs, so a frame found there is that scope's root (its address is not reused
+        meanwhile). A scope whose response has ended is not returned.
         """
-        native = self._native
-        if (
-            native is None
-            or period_ns != self._native_period
-            or id(root.f_code) not in self._root_codes
-        ):
-            return None
-        key = -id(root)
         code_roots = self._code_roots
-        if key in code_roots:
-            return None  # a second scope on the same frame: the general path
-        mark = native.mark()
-        if mark < 0:
-            return None  # not started, or this thread is not armed
-        # Scope.__init__ without its frame (this runs per request): what it sets, inline.
-        scope = _new_scope(CodeScope)
-        scope.thread_id = threading.get_ident()
-        scope.period_ns = period_ns
-        scope.max_depth = max_depth
-        scope.samples = collections.deque()
-        scope.methods = {}
-        scope.opened_ns = opened = time.time_ns()
-        if max_duration_ns:
-            scope.deadline_ns = opened + max_duration_ns
-        scope.mark = mark
-        scope.root_key = key  # the frame's id: the scope does not keep the frame alive
-        code_roots[key] = scope
-        self._code_seen = True
-        return scope
+        while frame is not None:
+            scope = code_roots.get(-id(frame))
+            if scope is not None:
+                return scope if scope.closed_ns is None else None
+            frame = frame.f_back
+        return None
 
     def close_code_scope(self, scope: Scope) -> None:
         """Close a scope ``open_code_scope`` made, at once (idempotent).
@@ -309,17 +325,6 @@ class NativeTier:
         code_roots = self._code_roots
         if code_roots.get(scope.root_key) is scope:
             del code_roots[scope.root_key]
-
-    def release_code_scope(self, scope: Scope, finish: Callable[[Scope], None]) -> None:
-        """Hand an ended code scope that may have samples to the collector.
-
-        Its samples may still be in the ring: the collector's next drain gives them to it,
-        then calls ``finish(scope)`` on the collector thread (or in ``flush_code_scopes``).
-        So the request path never drains the ring nor builds a record.
-        """
-        scope.finish = finish
-        self._released.append(scope)  # first: collect looks here once it leaves _code_roots
-        self.drop_code_scope(scope)
 
     def flush_code_scopes(self) -> None:
         """Collect now and finish every released code scope (``force_flush``, exit)."""
@@ -386,6 +391,7 @@ class NativeTier:
     def _native_unusable(self, exc: Exception) -> None:
         logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
         self._native = None
+        self._sync_code_opener()
 
     def _wake_collector(self) -> None:
         collector = self._collector
@@ -466,7 +472,7 @@ class NativeTier:
         if native is None or not native.is_started() or self._native_periods:
             return
         self.collect()
-        if self._code_roots or self._code_seen or self._released:
+        if self._code_roots or self._released or native.code_opens() != self._code_opens_seen:
             return  # code scopes open without the lock: they keep the sampler
         native.stop()
         self._native_period = 0

@@ -1,8 +1,11 @@
 """Keep work that a request offloads to a thread attributed to that request.
 
-The request's CPU scope travels in a contextvar (``CURRENT_SCOPE``). Where an async request
-hands a call to a worker thread, the call is wrapped so that the worker thread is registered
-under a child scope of the request for exactly the duration of that call:
+The request's CPU scope is found where the call is handed over (``request_scope()``): a
+request the ASGI adapter took at its leanest has its root frame on the calling stack (its
+scope is the engine's code scope on that frame, so the request path sets no contextvar); any
+other travels in a contextvar (``CURRENT_SCOPE``). Where an async request hands a call to a
+worker thread, the call is wrapped so that the worker thread is registered under a child
+scope of the request for exactly the duration of that call:
 
 - ``anyio.to_thread.run_sync``: Starlette's and FastAPI's ``def`` endpoints and
   ``run_in_threadpool``;
@@ -10,7 +13,8 @@ under a child scope of the request for exactly the duration of that call:
   ``asyncio.to_thread``.
 
 The wrappers are installed once (``install()``, idempotent) by the middleware and cost one
-contextvar read per offloaded call when no request is being profiled. Event loops written in
+contextvar read and one dictionary check per offloaded call when no request is being
+profiled. Event loops written in
 C or Cython (uvloop) do not route through ``run_in_executor`` in Python; their offloaded calls
 are not attributed.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -35,6 +40,19 @@ CURRENT_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
     "otlp_middleware_cpu_scope", default=None
 )
 """The CPU scope of the request being served in this context, if it is profiled."""
+
+
+def request_scope() -> Scope | None:
+    """The CPU scope of the request being served where this is called, if it is profiled.
+
+    The contextvar, else the code scope (``Engine.open_code_scope``) of the innermost
+    registered root frame on the calling stack that holds one.
+    """
+    scope = CURRENT_SCOPE.get()
+    if scope is None and ENGINE._code_roots:
+        scope = ENGINE.code_scope_on_stack(sys._getframe(1))
+    return scope
+
 
 _installed = False
 _install_lock = threading.Lock()
@@ -67,7 +85,7 @@ def _wrap_anyio() -> None:
 
     @functools.wraps(original)
     async def run_sync(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        scope = CURRENT_SCOPE.get()
+        scope = request_scope()
         if scope is not None:
             func = attributed(scope, func)
         return await original(func, *args, **kwargs)
@@ -86,7 +104,7 @@ def _wrap_asyncio() -> None:
 
     @functools.wraps(original)
     def run_in_executor(self: Any, executor: Any, func: Callable[..., Any], *args: Any) -> Any:
-        scope = CURRENT_SCOPE.get()
+        scope = request_scope()
         if scope is not None:
             func = attributed(scope, func)
         return original(self, executor, func, *args)

@@ -109,8 +109,7 @@ class Collector:
             with engine._lock:
                 try:
                     engine.collect()
-                    if engine._native_periods or engine._code_roots or engine._code_seen:
-                        engine._code_seen = False
+                    if engine._native_periods or engine._code_roots or engine.new_code_opens():
                         idle_since = None
                     elif idle_since is None:
                         idle_since = time.monotonic()

@@ -1764,6 +1764,104 @@ static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
 
 static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark, *s_root_key;
 static PyObject *s_response_start, *s_response_body;
+static PyObject *s_thread_id, *s_period_ns, *s_max_depth, *s_samples, *s_methods, *s_opened_ns;
+static PyObject *s_deadline_ns, *s_finish, *s_append;
+static PyObject *g_deque_type; /* collections.deque */
+static _Atomic uint64_t g_code_opens;
+
+static int set_new(PyObject *obj, PyObject *name, PyObject *value)
+{
+    if (value == NULL) {
+        return -1;
+    }
+    int err = PyObject_SetAttr(obj, name, value);
+    Py_DECREF(value);
+    return err;
+}
+
+/* open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns): the request's
+ * scope at a registered root code, made in one call: None unless the sampler runs at
+ * period_ns, the calling thread is armed, frame runs a registered root code and holds no
+ * scope yet.  The scope is an instance of cls made without __init__ (what Scope.__init__
+ * sets, set here), registered as code_roots[-id(frame)]. */
+static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "open_scope() takes 6 arguments");
+        return NULL;
+    }
+    PyObject *cls = args[0], *code_roots = args[1], *frame = args[2];
+    if (!PyType_Check(cls) || !PyDict_Check(code_roots) || !PyFrame_Check(frame)) {
+        PyErr_SetString(PyExc_TypeError, "open_scope(cls, code_roots: dict, frame, ...)");
+        return NULL;
+    }
+    long long period = PyLong_AsLongLong(args[3]);
+    if (period == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    check_fork_fast();
+    if (!(g_started && tl_armed && tl_has_timer && tl_gen == g_gen) ||
+        period != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
+        Py_RETURN_NONE;
+    }
+    PyCodeObject *co = PyFrame_GetCode((PyFrameObject *)frame);
+    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire), known = 0;
+    for (int i = 0; i < n && !known; i++) {
+        known = atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) == co;
+    }
+    Py_DECREF(co);
+    if (!known) {
+        Py_RETURN_NONE;
+    }
+    PyObject *key = PyLong_FromLongLong(-(long long)(uintptr_t)frame);
+    if (key == NULL) {
+        return NULL;
+    }
+    int held = PyDict_Contains(code_roots, key);
+    if (held != 0) {
+        Py_DECREF(key);
+        if (held < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE; /* a second scope on the same frame: the general path */
+    }
+    uint64_t mark = atomic_load_explicit(&g_published, memory_order_acquire);
+    int64_t opened = now_ns(CLOCK_REALTIME);
+    PyObject *scope = ((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, 0);
+    if (scope == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    int err = set_new(scope, s_thread_id, PyLong_FromUnsignedLong(PyThread_get_thread_ident()));
+    err = err ? err : PyObject_SetAttr(scope, s_period_ns, args[3]);
+    err = err ? err : PyObject_SetAttr(scope, s_max_depth, args[4]);
+    err = err ? err : set_new(scope, s_samples, PyObject_CallNoArgs(g_deque_type));
+    err = err ? err : set_new(scope, s_methods, PyDict_New());
+    err = err ? err : set_new(scope, s_opened_ns, PyLong_FromLongLong(opened));
+    if (!err && args[5] != Py_None) {
+        long long max_duration = PyLong_AsLongLong(args[5]);
+        if (max_duration == -1 && PyErr_Occurred()) {
+            err = -1;
+        } else if (max_duration) {
+            err = set_new(scope, s_deadline_ns, PyLong_FromLongLong(opened + max_duration));
+        }
+    }
+    err = err ? err : set_new(scope, s_mark, PyLong_FromUnsignedLongLong(mark));
+    err = err ? err : PyObject_SetAttr(scope, s_root_key, key);
+    err = err ? err : PyDict_SetItem(code_roots, key, scope);
+    Py_DECREF(key);
+    if (err) {
+        Py_DECREF(scope);
+        return NULL;
+    }
+    atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
+    return scope;
+}
+
+static PyObject *py_code_opens(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&g_code_opens, memory_order_relaxed));
+}
 
 /* scope.closed_ns = now (Unix ns) unless set; scope.quiet = no sample published since
  * scope.mark was read (mark() at the end equals the one at the open). */
@@ -1849,6 +1947,40 @@ static PyObject *py_finish_scope(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_RETURN_TRUE;
+}
+
+/* release_scope(code_roots, released, scope, finish): scope.finish = finish, append scope
+ * to the deque released, then delete code_roots[scope.root_key] if it is scope (in that
+ * order: a collector that no longer finds it in code_roots finds it in released). */
+static PyObject *py_release_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "release_scope(code_roots: dict, released, scope, finish)");
+        return NULL;
+    }
+    PyObject *code_roots = args[0], *scope = args[2];
+    if (PyObject_SetAttr(scope, s_finish, args[3]) < 0) {
+        return NULL;
+    }
+    PyObject *res = PyObject_CallMethodOneArg(args[1], s_append, scope);
+    if (res == NULL) {
+        return NULL;
+    }
+    Py_DECREF(res);
+    PyObject *key = PyObject_GetAttr(scope, s_root_key);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *held = PyDict_GetItemWithError(code_roots, key);
+    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
+        held = NULL;
+    }
+    Py_DECREF(key);
+    if (held == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* message[key], a new reference; NULL without an error when missing */
@@ -1999,6 +2131,25 @@ static int init_request_path(PyObject *m)
     s_root_key = PyUnicode_InternFromString("root_key");
     s_response_start = PyUnicode_InternFromString("http.response.start");
     s_response_body = PyUnicode_InternFromString("http.response.body");
+    s_thread_id = PyUnicode_InternFromString("thread_id");
+    s_period_ns = PyUnicode_InternFromString("period_ns");
+    s_max_depth = PyUnicode_InternFromString("max_depth");
+    s_samples = PyUnicode_InternFromString("samples");
+    s_methods = PyUnicode_InternFromString("methods");
+    s_opened_ns = PyUnicode_InternFromString("opened_ns");
+    s_deadline_ns = PyUnicode_InternFromString("deadline_ns");
+    s_finish = PyUnicode_InternFromString("finish");
+    s_append = PyUnicode_InternFromString("append");
+    if (!s_thread_id || !s_period_ns || !s_max_depth || !s_samples || !s_methods ||
+        !s_opened_ns || !s_deadline_ns || !s_finish || !s_append) {
+        return -1;
+    }
+    PyObject *collections = PyImport_ImportModule("collections");
+    g_deque_type = collections != NULL ? PyObject_GetAttrString(collections, "deque") : NULL;
+    Py_XDECREF(collections);
+    if (g_deque_type == NULL) {
+        return -1;
+    }
     if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_root_key ||
         !s_response_start || !s_response_body) {
         return -1;
@@ -2056,6 +2207,17 @@ static PyMethodDef methods[] = {
     {"finish_scope", py_finish_scope, METH_VARARGS,
      "finish_scope(code_roots, scope)\n--\n\nend_scope(scope); then, if scope.quiet, delete "
      "code_roots[scope.root_key] when it is scope. Returns scope.quiet."},
+    {"open_scope", (PyCFunction)(void (*)(void))py_open_scope, METH_FASTCALL,
+     "open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns)\n--\n\n"
+     "A new scope (an instance of cls made without __init__: thread_id, period_ns, max_depth, "
+     "samples, methods, opened_ns, deadline_ns, mark, root_key) registered as "
+     "code_roots[-id(frame)]; None unless the sampler runs at period_ns, the calling thread "
+     "is armed, frame runs a registered root code and holds no scope in code_roots."},
+    {"release_scope", (PyCFunction)(void (*)(void))py_release_scope, METH_FASTCALL,
+     "release_scope(code_roots, released, scope, finish)\n--\n\nscope.finish = finish; "
+     "released.append(scope); then delete code_roots[scope.root_key] if it is scope."},
+    {"code_opens", py_code_opens, METH_NOARGS,
+     "code_opens()\n--\n\nThe number of scopes open_scope() has made (never reset)."},
     {"mark", py_mark, METH_NOARGS,
      "mark()\n--\n\n-1 unless started and the calling thread is armed; else the number of "
      "samples published so far (two equal readings: no sample in between)."},
