@@ -80,6 +80,16 @@ async def cpu_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def scopes_handed_on(mw: ProfilingMiddleware, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The scopes the lean ASGI path hands on to the collector (``defer_root``), as it does."""
+    handed_on: list[Any] = []
+    defer_root = mw.profiler.defer_root
+    monkeypatch.setattr(
+        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
+    )
+    return handed_on
+
+
 def make(app: Any, exporter: Any, **options: Any) -> ProfilingMiddleware:
     options.setdefault("sampler", "always")
     options.setdefault("schedule_delay", 0.05)
@@ -136,11 +146,7 @@ def test_lean_path_record_has_span_status_route_and_error(
 
     exporter = KeepingExporter()
     mw = make(app, exporter)
-    handed_on: list[Any] = []
-    defer_root = mw.profiler.defer_root
-    monkeypatch.setattr(
-        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
-    )
+    handed_on = scopes_handed_on(mw, monkeypatch)
 
     async def main() -> Any:
         await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
@@ -187,11 +193,7 @@ def test_lean_asgi_path_attributes_offloaded_work_by_its_root_frame(
 
     exporter = KeepingExporter()
     mw = make(app, exporter)
-    handed_on: list[Any] = []
-    defer_root = mw.profiler.defer_root
-    monkeypatch.setattr(
-        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
-    )
+    handed_on = scopes_handed_on(mw, monkeypatch)
 
     async def main() -> None:
         await asgi_get(mw, "/warm")  # the first request starts and arms the sampler

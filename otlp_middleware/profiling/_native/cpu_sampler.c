@@ -1911,6 +1911,21 @@ static PyObject *py_end_scope(PyObject *self, PyObject *scope)
     Py_RETURN_NONE;
 }
 
+/* delete code_roots[scope.root_key] if it is scope; -1 on an error */
+static int forget_scope(PyObject *code_roots, PyObject *scope)
+{
+    PyObject *key = PyObject_GetAttr(scope, s_root_key);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *held = PyDict_GetItemWithError(code_roots, key);
+    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
+        held = NULL;
+    }
+    Py_DECREF(key);
+    return held == NULL && PyErr_Occurred() ? -1 : 0;
+}
+
 /* end_scope(); then, if no sample was published since the open (quiet), forget the scope:
  * delete code_roots[scope.root_key] if it is this scope.  Returns quiet. */
 static PyObject *py_finish_scope(PyObject *self, PyObject *args)
@@ -1934,16 +1949,7 @@ static PyObject *py_finish_scope(PyObject *self, PyObject *args)
     if (!is_quiet) {
         Py_RETURN_FALSE;
     }
-    PyObject *key = PyObject_GetAttr(scope, s_root_key);
-    if (key == NULL) {
-        return NULL;
-    }
-    PyObject *held = PyDict_GetItemWithError(code_roots, key);
-    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
-        held = NULL;
-    }
-    Py_DECREF(key);
-    if (held == NULL && PyErr_Occurred()) {
+    if (forget_scope(code_roots, scope) < 0) {
         return NULL;
     }
     Py_RETURN_TRUE;
@@ -1968,16 +1974,7 @@ static PyObject *py_release_scope(PyObject *self, PyObject *const *args, Py_ssiz
         return NULL;
     }
     Py_DECREF(res);
-    PyObject *key = PyObject_GetAttr(scope, s_root_key);
-    if (key == NULL) {
-        return NULL;
-    }
-    PyObject *held = PyDict_GetItemWithError(code_roots, key);
-    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
-        held = NULL;
-    }
-    Py_DECREF(key);
-    if (held == NULL && PyErr_Occurred()) {
+    if (forget_scope(code_roots, scope) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
