@@ -56,7 +56,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
 from ..config import OTLP_MIDDLEWARE_CPU_SAMPLER
@@ -114,7 +114,6 @@ class Engine(NativeTier):
         self.errors = RateLimitedLog(logger)
         # id(code) -> code of the registered root codes (ids: a code object's hash is slow);
         # kept across fork, like the extension's
-        self._root_codes: dict[int, CodeType] = {}
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):

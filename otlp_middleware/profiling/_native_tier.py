@@ -69,7 +69,6 @@ class NativeTier:
     _entries: dict[int, ThreadEntry]
     _native: Any
     _native_module: Any
-    _root_codes: dict[int, CodeType]
     _lock: threading.Lock
     _collector: Collector | None
     errors: RateLimitedLog
@@ -197,13 +196,11 @@ class NativeTier:
         native = self._native_module
         if native is None:
             return False
-        if id(code) not in self._root_codes:
-            try:
-                native.add_root_code(code)
-            except RuntimeError as exc:  # more than the extension's small fixed table
-                logger.debug("otlp_middleware: root code not registered: %s", exc)
-                return False
-            self._root_codes[id(code)] = code
+        try:
+            native.add_root_code(code)  # idempotent
+        except RuntimeError as exc:  # more than the extension's small fixed table
+            logger.debug("otlp_middleware: root code not registered: %s", exc)
+            return False
         return True
 
     def _add_native_root(self, scope: Scope) -> bool:

@@ -478,18 +478,24 @@ static inline int is_entry_frame(const _PyInterpreterFrame *f)
 }
 #endif
 
-/* Record one frame of code object co (already checked to be a code object). */
-static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *roots,
-                                   int *n_roots)
+/* Whether co was registered with add_root_code() (async-signal-safe). */
+static inline int is_root_code(PyCodeObject *co)
 {
     int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire);
     for (int i = 0; i < n; i++) {
         if (atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) == co) {
-            if (*n_roots < MAX_ROOTS) {
-                roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
-            }
-            return;
+            return 1;
         }
+    }
+    return 0;
+}
+
+/* Record one frame of code object co (already checked to be a code object). */
+static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *roots,
+                                   int *n_roots)
+{
+    if (*n_roots < MAX_ROOTS && is_root_code(co)) {
+        roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
     }
 }
 
@@ -1476,12 +1482,10 @@ static PyObject *py_add_root_code(PyObject *self, PyObject *code)
                      Py_TYPE(code)->tp_name);
         return NULL;
     }
-    int n = atomic_load(&g_n_root_codes);
-    for (int i = 0; i < n; i++) {
-        if (atomic_load(&g_root_codes[i]) == (PyCodeObject *)code) {
-            Py_RETURN_NONE;
-        }
+    if (is_root_code((PyCodeObject *)code)) {
+        Py_RETURN_NONE;
     }
+    int n = atomic_load(&g_n_root_codes);
     if (n >= ROOT_CODE_CAP) {
         PyErr_SetString(PyExc_RuntimeError, "too many root code objects registered");
         return NULL;
@@ -1734,10 +1738,16 @@ static PyObject *py_thread_armed(PyObject *self, PyObject *unused)
  * thread is armed, else the count of samples published so far.  Equal readings at a
  * scope's open and close mean no sample at all was recorded in between (a thread's own
  * samples are published before its handler returns), so the close need not drain. */
+/* Whether the sampler runs and samples the calling thread (after check_fork_fast()). */
+static inline int thread_sampled(void)
+{
+    return g_started && tl_armed && tl_has_timer && tl_gen == g_gen;
+}
+
 static PyObject *py_mark(PyObject *self, PyObject *unused)
 {
     check_fork_fast();
-    if (!(g_started && tl_armed && tl_has_timer && tl_gen == g_gen)) {
+    if (!thread_sampled()) {
         return PyLong_FromLong(-1);
     }
     return PyLong_FromUnsignedLongLong(atomic_load_explicit(&g_published, memory_order_acquire));
@@ -1800,15 +1810,12 @@ static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     check_fork_fast();
-    if (!(g_started && tl_armed && tl_has_timer && tl_gen == g_gen) ||
+    if (!thread_sampled() ||
         period != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
         Py_RETURN_NONE;
     }
     PyCodeObject *co = PyFrame_GetCode((PyFrameObject *)frame);
-    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire), known = 0;
-    for (int i = 0; i < n && !known; i++) {
-        known = atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) == co;
-    }
+    int known = is_root_code(co);
     Py_DECREF(co);
     if (!known) {
         Py_RETURN_NONE;
@@ -1878,7 +1885,7 @@ static int end_scope(PyObject *scope)
     }
     long long mark_now = -1;
     check_fork_fast();
-    if (g_started && tl_armed && tl_has_timer && tl_gen == g_gen) {
+    if (thread_sampled()) {
         mark_now = (long long)atomic_load_explicit(&g_published, memory_order_acquire);
     }
     PyObject *mark = PyObject_GetAttr(scope, s_mark);
