@@ -1045,3 +1045,44 @@ def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
     assert list(released) == [scope] and scope.finish is print and code_roots == {}
     with pytest.raises(TypeError):
         native.open_scope(CodeScope, code_roots, "not a frame", period, 64, None)
+
+
+def test_the_frame_cache_names_the_code_that_ran_when_addresses_are_reused(
+    native: ModuleType,
+) -> None:
+    """Each sample's function and line are those of the code that ran, not a cached one's.
+
+    The handler caches (function, line) by code address and instruction; code objects made
+    and freed in turn come back at the same addresses. Here every round compiles a fresh
+    ``gen`` (same name, file and first line as the last one) whose hot loop sits on another
+    line, so a cache checked by address alone would report the previous round's line.
+    """
+    native.start(999)
+    addresses: Counter[int] = Counter()
+    wrong: list[tuple[int, int, int]] = []
+    sampled_rounds = 0
+    native.arm_thread(1)
+    try:
+        for i in range(60):
+            pad = "\n" * (i % 4)  # blank lines: the same bytecode, the loop on another line
+            src = f"def gen(until):\n{pad}    while time.thread_time() < until:\n        pass\n"
+            namespace: dict[str, Any] = {"time": time}
+            exec(compile(src, "<gen>", "exec"), namespace)
+            gen = namespace.pop("gen")
+            addresses[id(gen.__code__)] += 1
+            hot = {2 + i % 4, 3 + i % 4}
+            gen(time.thread_time() + 0.02)
+            del gen, namespace
+            native.disarm_thread()
+            leaves = [s[5][0] for s in native.drain() if s[5] and s[5][0][1] == "<gen>"]
+            native.arm_thread(1)
+            sampled_rounds += bool(leaves)
+            wrong += [(i, line, first) for name, _, first, line in leaves if line not in hot]
+            assert all(name == "gen" for name, _, _, _ in leaves)
+    finally:
+        native.disarm_thread()
+    stats = native.stats()
+    assert max(addresses.values()) > 1, "no code address was reused: the test proves nothing"
+    assert sampled_rounds >= 30, stats
+    assert stats["frame_cache_hits"] > 0, stats
+    assert not wrong, wrong

@@ -140,6 +140,7 @@
 #define FUNC_CAP 8192           /* distinct functions interned per start() (power of two) */
 #define FUNC_PROBES 64
 #define FUNC_NONE 0xFFFFFFFFu
+#define CODE_CACHE_CAP 4096     /* frame cache entries (power of two), see "Frame cache" */
 #define ROOT_CAP 4096
 #define TIMER_CAP 4096
 #define MAX_CAPACITY (1u << 20)
@@ -173,6 +174,20 @@ typedef struct {
     char file[FILE_CAP];
 } func_t;
 
+/* One entry of the frame cache (see "Frame cache" at frame_cache_get): a seqlock (even:
+ * stable, odd: being written) over what a frame's function and line were computed from. */
+typedef struct {
+    _Atomic uint32_t seq;
+    int32_t lasti;
+    int32_t first_line;
+    int32_t line;
+    uint32_t func;
+    const void *code, *qualname, *filename, *linetable;
+    Py_hash_t qualname_hash, filename_hash; /* -1: not known, the texts are compared */
+    Py_ssize_t linetable_len;
+    uint64_t linetable_head; /* the line table's first bytes (up to 8) */
+} frame_cache_t;
+
 typedef struct {
     _Atomic(void *) key; /* the PyFrameObject, compared with frames on the stack */
     _Atomic int64_t token;
@@ -200,6 +215,7 @@ static _Atomic uint64_t g_head;
 static _Atomic uint64_t g_published;
 static uint64_t g_tail; /* consumer side, touched only with the GIL */
 static func_t *g_funcs;
+static frame_cache_t *g_frame_cache; /* CODE_CACHE_CAP entries, allocated with g_funcs */
 
 static _Atomic int g_enabled;
 static _Atomic int64_t g_period_ns;
@@ -207,7 +223,7 @@ static _Atomic int g_in_handler;
 
 static _Atomic uint64_t st_samples, st_dropped, st_signals, st_no_python, st_no_tstate,
     st_not_armed, st_func_full, st_truncated, st_overruns, st_faults, st_fallbacks,
-    st_rejected, st_unowned;
+    st_rejected, st_unowned, st_frame_cache_hits, st_frame_cache_misses;
 
 /* the SIGSEGV/SIGBUS actions found at start() (see "Fault guard" at on_fault) */
 static struct sigaction g_old_segv, g_old_bus;
@@ -240,6 +256,7 @@ static pthread_key_t g_key;
  * dlopen()ed module may call __tls_get_addr, which can allocate (not async-signal-safe). */
 #define TLS __thread __attribute__((tls_model("initial-exec")))
 static TLS volatile int tl_armed;
+static TLS uint32_t tl_frame_cache_hits, tl_frame_cache_misses; /* this sample's, then added */
 static TLS volatile int64_t tl_token;
 static TLS int tl_slot = -1;
 static TLS volatile int tl_has_timer;
@@ -499,7 +516,153 @@ static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *r
     }
 }
 
-static inline int record_frame(PyCodeObject *co, int line, void *frame_obj, frame_ref_t *frames,
+#if PY_VERSION_HEX >= 0x030B0000
+#define CO_QUALNAME(co) ((co)->co_qualname)
+#else
+#define CO_QUALNAME(co) ((co)->co_name)
+#endif
+
+/* A str object's UTF-8 text without copying (ASCII, or UTF-8 already cached); 0 if none. */
+static inline int str_text(PyObject *s, const char **p, Py_ssize_t *n)
+{
+    if (s == NULL || Py_TYPE(s) != &PyUnicode_Type) {
+        return 0;
+    }
+    PyASCIIObject *a = (PyASCIIObject *)s;
+    if (!a->state.compact) {
+        return 0;
+    }
+    if (a->state.ascii) {
+        *p = (const char *)(a + 1);
+        *n = a->length;
+        return 1;
+    }
+    PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)s;
+    if (c->utf8 == NULL) {
+        return 0;
+    }
+    *p = c->utf8;
+    *n = c->utf8_length;
+    return 1;
+}
+
+/* Does g_funcs[func] hold exactly this code's text and first line (as intern_code finds)? */
+static int func_matches(uint32_t func, PyCodeObject *co)
+{
+    if (func >= FUNC_CAP) {
+        return 0;
+    }
+    func_t *e = &g_funcs[func];
+    if (atomic_load_explicit(&e->state, memory_order_acquire) != 2 ||
+        e->first_line != co->co_firstlineno) {
+        return 0;
+    }
+    const char *p;
+    Py_ssize_t n;
+    /* a text longer than its cap was cut by copy_str: its length never matches, no hit */
+    if (!str_text(CO_QUALNAME(co), &p, &n) || n != e->name_len || memcmp(p, e->name, (size_t)n)) {
+        return 0;
+    }
+    if (!str_text(co->co_filename, &p, &n) || n != e->file_len || memcmp(p, e->file, (size_t)n)) {
+        return 0;
+    }
+    return 1;
+}
+
+/* A str's cached hash (computed for the interned names of code objects), -1 if none yet. */
+static inline Py_hash_t str_hash(PyObject *s)
+{
+    return (s != NULL && Py_TYPE(s) == &PyUnicode_Type) ? ((PyASCIIObject *)s)->hash : -1;
+}
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
+/* Frame cache
+ * -----------
+ * Per frame, a sample needs the function's entry in g_funcs (intern_code copies and hashes
+ * the qualified name and the file name) and the line (PyCode_Addr2Line scans the code's
+ * line table up to the instruction).  Under a server these two were most of the handler's
+ * time - tens of microseconds for a stack of 30 frames with long functions such as asyncio's
+ * _run_once - while the same (code, instruction) pairs come back sample after sample: the
+ * frames below the leaf wait at the same call.  So a direct-mapped cache keyed by the code
+ * object's address and the instruction offset keeps both, one seqlock per entry (a writer
+ * that finds an entry being written does not cache; a reader that sees it change misses).
+ *
+ * A code object can die and another be made at its address, so an entry is trusted only if
+ * what it was computed from is still what the frame's code holds: the same first line, the
+ * same qualified-name, file-name and line-table objects, the line table's length and first
+ * bytes, and the same texts - the names' cached str hashes equal the ones the entry was made with (the
+ * names of code objects are interned, so hashed), else the function entry's text compared
+ * byte for byte.  A wrong function would take a dead name's address reused by another name
+ * of the same 64-bit hash.  The line could only be wrong for another code object of the
+ * same function (same name, file and first line) made at the same address with a line table
+ * at the same address as the dead one's, of the same length and first bytes, that differs
+ * further on: generated code that varies only past its first lines, at the cost of a line
+ * number, never of a function or a crash. */
+static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_t *line)
+{
+    PyObject *qual = CO_QUALNAME(co), *file = co->co_filename, *lt = co->co_linetable;
+    int32_t first = (int32_t)co->co_firstlineno;
+    Py_ssize_t lt_len = (lt != NULL && PyBytes_CheckExact(lt)) ? PyBytes_GET_SIZE(lt) : -1;
+    uint64_t lt_head = 0;
+    if (lt_len > 0) {
+        memcpy(&lt_head, PyBytes_AS_STRING(lt), lt_len < 8 ? (size_t)lt_len : 8);
+    }
+    Py_hash_t qhash = str_hash(qual), fhash = str_hash(file);
+    uintptr_t k = (uintptr_t)co;
+    frame_cache_t *e =
+        &g_frame_cache[((k >> 4) ^ (k >> 17) ^ ((uint32_t)addr * 0x9E3779B1u)) &
+                       (CODE_CACHE_CAP - 1)];
+    uint32_t seq = atomic_load_explicit(&e->seq, memory_order_acquire);
+    if (!(seq & 1)) {
+        const void *c_code = LOAD(e->code), *c_qual = LOAD(e->qualname);
+        const void *c_file = LOAD(e->filename), *c_lt = LOAD(e->linetable);
+        Py_ssize_t c_lt_len = LOAD(e->linetable_len);
+        uint64_t c_lt_head = LOAD(e->linetable_head);
+        int32_t c_addr = LOAD(e->lasti), c_line = LOAD(e->line), c_first = LOAD(e->first_line);
+        uint32_t c_func = LOAD(e->func);
+        Py_hash_t c_qhash = LOAD(e->qualname_hash), c_fhash = LOAD(e->filename_hash);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&e->seq, memory_order_relaxed) == seq && c_code == co &&
+            c_addr == addr && c_first == first && c_qual == qual && c_file == file &&
+            c_lt == lt && c_lt_len == lt_len && c_lt_head == lt_head &&
+            (qhash != -1 && fhash != -1 && c_qhash == qhash && c_fhash == fhash
+                 ? 1
+                 : func_matches(c_func, co))) {
+            tl_frame_cache_hits++;
+            *func = c_func;
+            *line = c_line;
+            return;
+        }
+    }
+    tl_frame_cache_misses++;
+    *line = addr < 0 ? first : PyCode_Addr2Line(co, addr);
+    *func = intern_code(co);
+    /* every read that could fault is done: an entry is never left half written */
+    if (*func == FUNC_NONE || lt_len < 0 || (seq & 1) ||
+        !atomic_compare_exchange_strong_explicit(&e->seq, &seq, seq + 1, memory_order_acq_rel,
+                                                 memory_order_relaxed)) {
+        return; /* not cacheable, or another thread is writing this entry */
+    }
+    STORE(e->code, (const void *)co);
+    STORE(e->qualname, (const void *)qual);
+    STORE(e->filename, (const void *)file);
+    STORE(e->linetable, (const void *)lt);
+    STORE(e->qualname_hash, qhash);
+    STORE(e->filename_hash, fhash);
+    STORE(e->linetable_len, lt_len);
+    STORE(e->linetable_head, lt_head);
+    STORE(e->lasti, (int32_t)addr);
+    STORE(e->first_line, first);
+    STORE(e->line, *line);
+    STORE(e->func, *func);
+    atomic_store_explicit(&e->seq, seq + 2, memory_order_release);
+}
+
+/* addr: the frame's instruction offset in bytes (PyCode_Addr2Line's), or -1 before its
+ * first instruction (the line is then the first line). */
+static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, frame_ref_t *frames,
                                int *depth, int *truncated, int have_roots, int64_t *roots,
                                int *n_roots)
 {
@@ -508,8 +671,7 @@ static inline int record_frame(PyCodeObject *co, int line, void *frame_obj, fram
         match_root_code(co, frame_obj, roots, n_roots);
     }
     if (*depth < MAX_DEPTH) {
-        frames[*depth].func = intern_code(co);
-        frames[*depth].line = line;
+        frame_info(co, addr, &frames[*depth].func, &frames[*depth].line);
         (*depth)++;
         return 1;
     }
@@ -560,9 +722,8 @@ static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *t
         }
         PyCodeObject *co = (PyCodeObject *)ex;
         int lasti = _PyInterpreterFrame_LASTI(f);
-        int line = PyCode_Addr2Line(co, lasti * (int)sizeof(_Py_CODEUNIT));
-        if (!record_frame(co, line, (void *)f->frame_obj, frames, depth, truncated, have_roots,
-                          roots, n_roots)) {
+        if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj, frames,
+                          depth, truncated, have_roots, roots, n_roots)) {
             break;
         }
     }
@@ -597,9 +758,8 @@ restart:
         else if (!_PyFrame_IsIncomplete(f)) {
 #endif
             int lasti = _PyInterpreterFrame_LASTI(f);
-            int line = PyCode_Addr2Line(co, lasti * (int)sizeof(_Py_CODEUNIT));
-            if (!record_frame(co, line, (void *)f->frame_obj, frames, depth, truncated,
-                              have_roots, roots, n_roots)) {
+            if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj,
+                              frames, depth, truncated, have_roots, roots, n_roots)) {
                 f = NULL; /* deep enough, no roots to match: stop (truncated is set) */
                 walked = -1;
                 break;
@@ -644,9 +804,8 @@ done:
         if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
             continue;
         }
-        int line = f->f_lasti < 0 ? co->co_firstlineno : PyCode_Addr2Line(co, f->f_lasti * 2);
-        if (!record_frame(co, line, (void *)f, frames, depth, truncated, have_roots, roots,
-                          n_roots)) {
+        if (!record_frame(co, f->f_lasti < 0 ? -1 : f->f_lasti * 2, (void *)f, frames, depth,
+                          truncated, have_roots, roots, n_roots)) {
             break;
         }
     }
@@ -710,8 +869,8 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     int depth = 0, truncated = 0, n_roots = 0;
     /* Everything that reads interpreter memory runs between the jump point and the clearing
      * of tl_walking: a fault there lands back here (on_fault), with nothing published - the
-     * walk writes only this frame's buffers and the lock-free function table, whose entries
-     * are copied from local buffers after every read that could fault. */
+     * walk writes only this frame's buffers, the lock-free function table and the frame cache,
+     * whose entries are copied from locals after every read that could fault. */
     sigjmp_buf jb;
     tl_jmp = &jb;
     if (sigsetjmp(jb, 0) != 0) {
@@ -723,8 +882,12 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     tl_walking = 1;
     atomic_signal_fence(memory_order_seq_cst);
     PyThreadState *ts = PyGILState_GetThisThreadState();
+    tl_frame_cache_hits = tl_frame_cache_misses = 0;
     int status = ts != NULL ? walk_stack(ts, frames, &depth, &truncated, roots, &n_roots) : 0;
     atomic_signal_fence(memory_order_seq_cst);
+    atomic_fetch_add_explicit(&st_frame_cache_hits, tl_frame_cache_hits, memory_order_relaxed);
+    atomic_fetch_add_explicit(&st_frame_cache_misses, tl_frame_cache_misses,
+                              memory_order_relaxed);
     tl_walking = 0;
     atomic_signal_fence(memory_order_seq_cst);
     if (ts == NULL) {
@@ -954,6 +1117,8 @@ static void free_buffers(void)
     g_ring = NULL;
     free(g_funcs);
     g_funcs = NULL;
+    free(g_frame_cache);
+    g_frame_cache = NULL;
     g_mask = 0;
     atomic_store(&g_head, 0);
     g_tail = 0;
@@ -969,6 +1134,8 @@ static void reset_stats(void)
     atomic_store(&st_not_armed, 0);
     atomic_store(&st_unowned, 0);
     atomic_store(&st_func_full, 0);
+    atomic_store(&st_frame_cache_hits, 0);
+    atomic_store(&st_frame_cache_misses, 0);
     atomic_store(&st_truncated, 0);
     atomic_store(&st_overruns, 0);
     atomic_store(&st_faults, 0);
@@ -1108,8 +1275,9 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     g_ring = calloc(cap, sizeof(slot_t));
     g_funcs = calloc(FUNC_CAP, sizeof(func_t));
+    g_frame_cache = calloc(CODE_CACHE_CAP, sizeof(frame_cache_t)); /* entries of g_funcs */
     g_func_objs = PyMem_Calloc(FUNC_CAP, sizeof(PyObject *));
-    if (g_ring == NULL || g_funcs == NULL || g_func_objs == NULL) {
+    if (g_ring == NULL || g_funcs == NULL || g_frame_cache == NULL || g_func_objs == NULL) {
         free_buffers();
         clear_caches();
         return PyErr_NoMemory();
@@ -1695,7 +1863,7 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_unlock(&g_timer_lock);
     int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
+        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
         (unsigned long long)atomic_load(&st_samples), "dropped",
         (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
         armed,
@@ -1709,7 +1877,9 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
         (unsigned long long)atomic_load(&st_overruns), "faults",
         (unsigned long long)atomic_load(&st_faults), "walk_fallbacks",
         (unsigned long long)atomic_load(&st_fallbacks), "walk_rejected",
-        (unsigned long long)atomic_load(&st_rejected), "roots", g_n_roots, "started",
+        (unsigned long long)atomic_load(&st_rejected), "frame_cache_hits",
+        (unsigned long long)atomic_load(&st_frame_cache_hits), "frame_cache_misses",
+        (unsigned long long)atomic_load(&st_frame_cache_misses), "roots", g_n_roots, "started",
         g_started, "signal", g_signo);
 }
 
