@@ -9,6 +9,9 @@ measures the microseconds the middleware adds per request in process (a hot loop
 underestimates the cost in a server whose own work keeps the caches cold).
 
     python bench/bench_middleware.py [--rounds 7] [--duration 3] [--variants bare,never,always]
+
+Each round starts fresh servers (see ``main``); ``bare-again``, a second bare app, shows how
+far two identical variants' ratio strays from 1 on this machine.
 """
 
 from __future__ import annotations
@@ -36,11 +39,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pinning() -> tuple[list[str], list[str]]:
+    """``taskset`` prefixes putting the server and ``wrk`` on CPUs of their own, if possible.
+
+    With two CPUs or more the server gets the last one and ``wrk`` the first, so the load
+    generator never takes the server's CPU; otherwise nothing is pinned.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return [], []
+    return ["taskset", "-c", str(cpus[-1])], ["taskset", "-c", str(cpus[0])]
+
+
+SERVER_PIN, WRK_PIN = pinning()
+
+
 def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {**os.environ, "BENCH_MODE": mode, "PYTHONPATH": ROOT, **env_extra}
     proc = subprocess.Popen(
         [
+            *SERVER_PIN,
             sys.executable,
             "-m",
             "uvicorn",
@@ -71,6 +90,17 @@ def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen
             time.sleep(0.1)
 
 
+def stop_servers(servers: Any) -> None:
+    for proc, _ in servers:
+        proc.terminate()
+    for proc, _ in servers:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU of every thread of process ``pid`` so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -82,6 +112,7 @@ def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
     """(requests per second, requests completed)."""
     out = subprocess.run(
         [
+            *WRK_PIN,
             "wrk",
             "-t1",
             f"-c{connections}",
@@ -199,53 +230,65 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--connections", type=int, default=4)
-    ap.add_argument("--variants", default="bare,never,always,otlp")
+    ap.add_argument(
+        "--variants",
+        default="bare,bare-again=bare,never,always,otlp",
+        help="comma-separated modes of bench/app.py, each optionally LABEL=MODE; the first is "
+        "the baseline (default: with a second bare app, the noise floor of the ratios)",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is required (apt-get install wrk)")
-    variants = args.variants.split(",")
+    modes = dict(v.split("=", 1) if "=" in v else (v, v) for v in args.variants.split(","))
+    variants = list(modes)
+    base = variants[0]
     tmp = tempfile.mkdtemp(prefix="bench-profiles-")
     from otlp_middleware._receiver import Receiver
 
     receiver = Receiver(host="127.0.0.1", port=0, output_dir=None).start()  # decodes, discards
     extra = {"BENCH_DIR": tmp, "BENCH_ENDPOINT": receiver.url}
-    servers = {v: start_server(v, extra) for v in variants}
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_per_request: dict[str, list[float]] = {v: [] for v in variants}
     try:
-        for _, port in servers.values():
-            wrk(port, 1.0, args.connections)  # warm up
-        results: dict[str, list[float]] = {v: [] for v in variants}
-        cpu_per_request: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            order = variants if r % 2 == 0 else list(reversed(variants))
-            for v in order:
-                proc, port = servers[v]
-                cpu = process_cpu_seconds(proc.pid)
-                rate, done = wrk(port, args.duration, args.connections)
-                results[v].append(rate)
-                cpu_per_request[v].append((process_cpu_seconds(proc.pid) - cpu) / done * 1e6)
+            # Fresh servers every round: one process of a program can run a percent or two
+            # faster or slower than another of the same program (where its code and data
+            # happened to land), which no number of rounds against one process averages out.
+            servers = {v: start_server(modes[v], extra) for v in variants}
+            try:
+                for _, port in servers.values():
+                    wrk(port, 1.0, args.connections)  # warm up
+                order = variants if r % 2 == 0 else list(reversed(variants))
+                for v in order:
+                    proc, port = servers[v]
+                    cpu = process_cpu_seconds(proc.pid)
+                    rate, done = wrk(port, args.duration, args.connections)
+                    results[v].append(rate)
+                    cpu_per_request[v].append((process_cpu_seconds(proc.pid) - cpu) / done * 1e6)
+            finally:
+                stop_servers(servers.values())
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(20)
         receiver.stop()
     print(
         f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
-        f"{args.rounds} alternating rounds"
+        f"{args.rounds} alternating rounds, fresh servers each round"
     )
-    print("(ratio = median over rounds of variant / bare in the same round)")
+    print(f"(ratio = median over rounds of variant / {base} in the same round, [quartiles])")
     print("(CPU = the server process's CPU per request, all threads, median over rounds)")
-    bare_cpu = statistics.median(cpu_per_request["bare"]) if "bare" in variants else 0.0
+    base_cpu = statistics.median(cpu_per_request[base])
     for v in variants:
-        ratios = [a / b for a, b in zip(results[v], results["bare"], strict=True)]
+        ratios = sorted(a / b for a, b in zip(results[v], results[base], strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         median = statistics.median(results[v])
         cpu = statistics.median(cpu_per_request[v])
         print(
-            f"  {v:>7}: {median:8.1f} req/s   ratio vs bare {statistics.median(ratios):.4f}"
-            f"   CPU {cpu:7.1f} us/request ({cpu - bare_cpu:+.1f} us vs bare)"
+            f"  {v:>11}: {median:8.1f} req/s   ratio {statistics.median(ratios):.4f} "
+            f"[{q1:.4f}-{q3:.4f}]   CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
         )
     files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
-    print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
-    if "otlp" in variants:
+    if "always" in modes.values():
+        print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
+    if "otlp" in modes.values():
         print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
     per_sample, per_batch = encoder_cost()
     print(

@@ -996,6 +996,7 @@ def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
     import collections
 
     from otlp_middleware.profiling._scope import CodeScope
+    from otlp_middleware.types import CpuSample
 
     def root() -> FrameType:
         return sys._getframe()
@@ -1040,9 +1041,20 @@ def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
     assert before <= scope.opened_ns <= time.time_ns()
     assert scope.deadline_ns == scope.opened_ns + 10**9
     assert list(scope.samples) == [] and scope.methods == {} and scope.closed_ns is None
+    # no store is made at the open: the first sample taken (or a child scope) makes it
+    assert "samples" not in vars(scope) and "methods" not in vars(scope)
+    other_scope = CodeScope.__new__(CodeScope)  # made as open_scope makes one
+    sample = CpuSample((1,), 1, "t", 5, 5, time.time_ns())
+    scope.take(sample, "native")
+    assert list(scope.samples) == [sample] and scope.methods == {"native": 1}
+    assert other_scope.samples is not scope.samples and not other_scope.samples
+    assert not CodeScope.samples and CodeScope.methods == {}
+    store = other_scope.sample_store()
+    assert store == (other_scope.samples, other_scope.methods) and store[0] is not scope.samples
     released: collections.deque[Any] = collections.deque()
     native.release_scope(code_roots, released, scope, print)
     assert list(released) == [scope] and scope.finish is print and code_roots == {}
+    assert list(scope.samples) == [sample]
     with pytest.raises(TypeError):
         native.open_scope(CodeScope, code_roots, "not a frame", period, 64, None)
 

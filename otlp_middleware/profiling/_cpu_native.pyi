@@ -152,10 +152,11 @@ def open_scope(
     max_duration_ns: int | None,
 ) -> _T | None:
     """A new scope on ``frame`` (an instance of ``cls`` made without ``__init__``, with
-    ``thread_id``, ``period_ns``, ``max_depth``, ``samples``, ``methods``, ``opened_ns``,
-    ``deadline_ns``, ``mark`` and ``root_key`` set) registered as ``code_roots[-id(frame)]``;
-    None unless the sampler runs at ``period_ns``, the calling thread is armed, ``frame``
-    runs a registered root code and holds no scope in ``code_roots``."""
+    ``thread_id``, ``period_ns``, ``max_depth``, ``opened_ns``, ``deadline_ns``, ``mark`` and
+    ``root_key`` set; ``samples`` and ``methods`` are the class's until it takes a sample),
+    registered as ``code_roots[-id(frame)]``; None unless the sampler runs at ``period_ns``,
+    the calling thread is armed, ``frame`` runs a registered root code and holds no scope in
+    ``code_roots``."""
 
 def release_scope(code_roots: dict[int, Any], released: Any, scope: Any, finish: Any) -> None:
     """``scope.finish = finish``; ``released.append(scope)``; then delete

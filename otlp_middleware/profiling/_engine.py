@@ -218,8 +218,8 @@ class Engine(NativeTier):
             max_duration_ns=None,
             max_depth=parent.max_depth,
         )
-        scope.samples = parent.samples
-        scope.methods = parent.methods
+        with self._lock:  # the collector gives a code scope its store under the lock too
+            scope.samples, scope.methods = parent.sample_store()
         scope.deadline_ns = parent.deadline_ns
         self._add(scope)
         return scope

@@ -1944,9 +1944,8 @@ static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
 
 static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark, *s_root_key;
 static PyObject *s_response_start, *s_response_body;
-static PyObject *s_thread_id, *s_period_ns, *s_max_depth, *s_samples, *s_methods, *s_opened_ns;
+static PyObject *s_thread_id, *s_period_ns, *s_max_depth, *s_opened_ns;
 static PyObject *s_deadline_ns, *s_finish, *s_append;
-static PyObject *g_deque_type; /* collections.deque */
 static _Atomic uint64_t g_code_opens;
 
 static int set_new(PyObject *obj, PyObject *name, PyObject *value)
@@ -2012,8 +2011,6 @@ static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t
     int err = set_new(scope, s_thread_id, PyLong_FromUnsignedLong(PyThread_get_thread_ident()));
     err = err ? err : PyObject_SetAttr(scope, s_period_ns, args[3]);
     err = err ? err : PyObject_SetAttr(scope, s_max_depth, args[4]);
-    err = err ? err : set_new(scope, s_samples, PyObject_CallNoArgs(g_deque_type));
-    err = err ? err : set_new(scope, s_methods, PyDict_New());
     err = err ? err : set_new(scope, s_opened_ns, PyLong_FromLongLong(opened));
     if (!err && args[5] != Py_None) {
         long long max_duration = PyLong_AsLongLong(args[5]);
@@ -2308,20 +2305,12 @@ static int init_request_path(PyObject *m)
     s_thread_id = PyUnicode_InternFromString("thread_id");
     s_period_ns = PyUnicode_InternFromString("period_ns");
     s_max_depth = PyUnicode_InternFromString("max_depth");
-    s_samples = PyUnicode_InternFromString("samples");
-    s_methods = PyUnicode_InternFromString("methods");
     s_opened_ns = PyUnicode_InternFromString("opened_ns");
     s_deadline_ns = PyUnicode_InternFromString("deadline_ns");
     s_finish = PyUnicode_InternFromString("finish");
     s_append = PyUnicode_InternFromString("append");
-    if (!s_thread_id || !s_period_ns || !s_max_depth || !s_samples || !s_methods ||
-        !s_opened_ns || !s_deadline_ns || !s_finish || !s_append) {
-        return -1;
-    }
-    PyObject *collections = PyImport_ImportModule("collections");
-    g_deque_type = collections != NULL ? PyObject_GetAttrString(collections, "deque") : NULL;
-    Py_XDECREF(collections);
-    if (g_deque_type == NULL) {
+    if (!s_thread_id || !s_period_ns || !s_max_depth || !s_opened_ns || !s_deadline_ns ||
+        !s_finish || !s_append) {
         return -1;
     }
     if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_root_key ||
