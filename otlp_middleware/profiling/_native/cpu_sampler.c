@@ -11,7 +11,9 @@
  * thread state, found through PyGILState_GetThisThreadState, never from the GIL holder) and
  * copies, per frame, the function's qualified name, file name, first line and current line
  * into preallocated memory: a lock-free table of functions (interned by content) and a
- * lock-free ring of samples.  drain() turns the ring into Python tuples with the GIL.
+ * lock-free ring of samples.  drain() turns the ring into Python tuples with the GIL.  A
+ * frame cache keeps each (code, instruction)'s function and line, so a frame seen before
+ * costs a lookup, not a copy, a hash and a line-table scan (see "Frame cache").
  *
  * The handler allocates nothing, takes no lock and calls no Python API except pure readers
  * (PyGILState_GetThisThreadState, PyCode_Addr2Line which only scans the immutable line
