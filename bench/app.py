@@ -2,19 +2,23 @@
 
 BENCH_MODE: ``bare`` (no middleware), ``never`` (middleware, nothing sampled), ``always``
 (every request profiled at 99 Hz, aggregate pprof files), ``otlp`` (every request profiled,
-exported as OTLP to BENCH_ENDPOINT), ``pyinstrument`` (a peer: pyinstrument's profiler around
-every request at 99 Hz; ``pip install pyinstrument``). BENCH_HZ sets the sampling rate of
-``always`` and ``otlp`` (default 99).
+exported as OTLP to BENCH_ENDPOINT), ``switch`` (as ``always``, but profiling is off until a
+SIGUSR1 turns it on, and each SIGUSR1 flips it: one process measured against itself),
+``pyinstrument`` (a peer: pyinstrument's profiler around every request at 99 Hz; ``pip install
+pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``switch``
+(default 99).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
 from otlp_middleware.middleware import ProfilingMiddleware
 from otlp_middleware.profiling import CpuProfilerConfig
+from otlp_middleware.profiling.sampling import DecisionCounter, SamplingStats, SamplingStrategy
 
 
 def handler_work(ms: float = 1.0) -> int:
@@ -72,6 +76,37 @@ elif MODE == "otlp":
         sampler="always",
         cpu=CpuProfilerConfig(sampling_frequency=HZ),
         endpoint=os.environ["BENCH_ENDPOINT"],
+    )
+elif MODE == "switch":
+
+    class Switch(SamplingStrategy):
+        """Every request or none, flipped by SIGUSR1 (a strategy of one's own, as a team writes)."""
+
+        def __init__(self) -> None:
+            self.on = False
+            self._counter = DecisionCounter()
+
+        def should_sample(self, request: Any = None) -> bool:
+            return self._counter.record(self.on)
+
+        def reset(self) -> None:
+            self._counter.reset()
+
+        def stats(self) -> SamplingStats:
+            return self._counter.stats()
+
+    switch = Switch()
+
+    def _flip(signum: int, frame: Any) -> None:
+        switch.on = not switch.on
+
+    signal.signal(signal.SIGUSR1, _flip)
+    app = ProfilingMiddleware(
+        bare_app,
+        sampler=switch,
+        cpu=CpuProfilerConfig(sampling_frequency=HZ),
+        aggregate=True,
+        output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
 elif MODE == "pyinstrument":
     # A peer for comparison: pyinstrument's Profiler around every request (its documented

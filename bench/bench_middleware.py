@@ -21,6 +21,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -225,11 +226,62 @@ def encoder_cost() -> tuple[float, float]:
     return best / (512 * 2) * 1e6, best * 1e3
 
 
+def same_process_rounds(
+    processes: int, rounds: int, duration: float, connections: int, extra: dict[str, str]
+) -> tuple[list[float], list[float]]:
+    """(ratios, CPU differences) of profiling every request against none, in one process.
+
+    Each server (``BENCH_MODE=switch``) alternates rounds with profiling off (the middleware
+    deciding ``never``) and on (every request at BENCH_HZ), flipped by SIGUSR1: a process
+    measured against itself, so the 1-2% by which two processes of one program can differ
+    drops out. The ratio is on / off within each pair of rounds.
+    """
+    ratios: list[float] = []
+    cpu_diffs: list[float] = []
+    for _ in range(processes):
+        proc, port = start_server("switch", extra)
+        on = False
+        try:
+            wrk(port, 1.0, connections)  # warm up
+            for r in range(rounds):
+                rate: dict[bool, float] = {}
+                cpu_us: dict[bool, float] = {}
+                for want in (False, True) if r % 2 == 0 else (True, False):
+                    if want != on:
+                        proc.send_signal(signal.SIGUSR1)
+                        on = want
+                        time.sleep(0.2)
+                        wrk(port, 1.0, connections)  # the new state warm
+                    cpu = process_cpu_seconds(proc.pid)
+                    rate[on], done = wrk(port, duration, connections)
+                    cpu_us[on] = (process_cpu_seconds(proc.pid) - cpu) / done * 1e6
+                ratios.append(rate[True] / rate[False])
+                cpu_diffs.append(cpu_us[True] - cpu_us[False])
+        finally:
+            stop_servers([(proc, port)])
+    return ratios, cpu_diffs
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4)  # the middle cut is the median
+    return q1, median, q3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument(
+        "--same-process",
+        type=int,
+        default=3,
+        metavar="N",
+        help="then N servers each measured against itself, profiling on vs off (0: skip)",
+    )
+    ap.add_argument("--same-process-rounds", type=int, default=6)
     ap.add_argument(
         "--variants",
         default="bare,bare-again=bare,never,always,otlp",
@@ -277,13 +329,31 @@ def main() -> None:
     print("(CPU = the server process's CPU per request, all threads, median over rounds)")
     base_cpu = statistics.median(cpu_per_request[base])
     for v in variants:
-        ratios = sorted(a / b for a, b in zip(results[v], results[base], strict=True))
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        ratios = [a / b for a, b in zip(results[v], results[base], strict=True)]
+        q1, _, q3 = quartiles(ratios)
         median = statistics.median(results[v])
         cpu = statistics.median(cpu_per_request[v])
         print(
             f"  {v:>11}: {median:8.1f} req/s   ratio {statistics.median(ratios):.4f} "
             f"[{q1:.4f}-{q3:.4f}]   CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
+        )
+    if args.same_process:
+        receiver = Receiver(host="127.0.0.1", port=0, output_dir=None).start()
+        try:
+            ratios, cpu_diffs = same_process_rounds(
+                args.same_process,
+                args.same_process_rounds,
+                args.duration,
+                args.connections,
+                {**extra, "BENCH_ENDPOINT": receiver.url},
+            )
+        finally:
+            receiver.stop()
+        q1, median_ratio, q3 = quartiles(ratios)
+        print(
+            f"Same process, every request profiled vs none ({args.same_process} servers x "
+            f"{args.same_process_rounds} pairs of rounds): ratio {median_ratio:.4f} "
+            f"[{q1:.4f}-{q3:.4f}], CPU {statistics.median(cpu_diffs):+.1f} us/request"
         )
     files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
     if "always" in modes.values():
