@@ -1098,3 +1098,17 @@ def test_the_frame_cache_names_the_code_that_ran_when_addresses_are_reused(
     assert sampled_rounds >= 30, stats
     assert stats["frame_cache_hits"] > 0, stats
     assert not wrong, wrong
+
+
+def test_non_ascii_names_are_kept_readable(native: ModuleType) -> None:
+    """A name's UTF-8 text when CPython has it cached, else its ASCII with '?' for the rest."""
+    namespace: dict[str, Any] = {"time": time}
+    exec("def fünf_Ω(until):\n    while time.thread_time() < until:\n        pass\n", namespace)
+    native.start(999)
+    native.arm_thread(1)
+    try:
+        namespace["fünf_Ω"](time.thread_time() + 0.2)
+    finally:
+        native.disarm_thread()
+    names = {s[5][0][0] for s in native.drain() if s[5] and s[5][0][1] == "<string>"}
+    assert names and names <= {"f?nf_?", "fünf_Ω"}, names

@@ -360,29 +360,42 @@ static inline int set_deadline(timer_t t, int64_t deadline_ns)
 
 /* ---------------------------------------------------------------- handler side */
 
-/* Copy a str object's text into dst (at most cap bytes), async-signal-safe. */
-static int copy_str(PyObject *s, char *dst, int cap, int keep_tail)
+/* A str object's UTF-8 text without copying (ASCII, or UTF-8 already cached); 0 if none. */
+static inline int str_text(PyObject *s, const char **p, Py_ssize_t *n)
 {
     if (s == NULL || Py_TYPE(s) != &PyUnicode_Type) {
-        dst[0] = '?';
-        return 1;
+        return 0;
     }
     PyASCIIObject *a = (PyASCIIObject *)s;
     if (!a->state.compact) {
-        dst[0] = '?';
+        return 0;
+    }
+    if (a->state.ascii) {
+        *p = (const char *)(a + 1);
+        *n = a->length;
         return 1;
     }
-    Py_ssize_t n = a->length;
-    const char *src = NULL;
-    if (a->state.ascii) {
-        src = (const char *)(a + 1);
+    PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)s;
+    if (c->utf8 == NULL) {
+        return 0;
     }
-    else {
-        PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)s;
-        if (c->utf8 != NULL) {
-            src = c->utf8;
-            n = c->utf8_length;
+    *p = c->utf8;
+    *n = c->utf8_length;
+    return 1;
+}
+
+/* Copy a str object's text into dst (at most cap bytes), async-signal-safe. */
+static int copy_str(PyObject *s, char *dst, int cap, int keep_tail)
+{
+    const char *src = NULL;
+    Py_ssize_t n;
+    if (!str_text(s, &src, &n)) {
+        if (s == NULL || Py_TYPE(s) != &PyUnicode_Type || !((PyASCIIObject *)s)->state.compact) {
+            dst[0] = '?';
+            return 1;
         }
+        src = NULL; /* compact non-ASCII without cached UTF-8: copied char by char below */
+        n = ((PyASCIIObject *)s)->length;
     }
     Py_ssize_t start = 0;
     int off = 0;
@@ -398,9 +411,9 @@ static int copy_str(PyObject *s, char *dst, int cap, int keep_tail)
         memcpy(dst + off, src + start, (size_t)(n - start));
         return off + (int)(n - start);
     }
-    /* compact non-ASCII without cached UTF-8: keep ASCII, mark the rest '?' */
+    /* keep ASCII, mark the rest '?' */
     const void *data = (const void *)(((PyCompactUnicodeObject *)s) + 1);
-    unsigned kind = a->state.kind;
+    unsigned kind = ((PyASCIIObject *)s)->state.kind;
     for (Py_ssize_t i = start; i < n; i++) {
         uint32_t ch = kind == 1   ? ((const uint8_t *)data)[i]
                       : kind == 2 ? ((const uint16_t *)data)[i]
@@ -524,29 +537,6 @@ static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *r
 #define CO_QUALNAME(co) ((co)->co_name)
 #endif
 
-/* A str object's UTF-8 text without copying (ASCII, or UTF-8 already cached); 0 if none. */
-static inline int str_text(PyObject *s, const char **p, Py_ssize_t *n)
-{
-    if (s == NULL || Py_TYPE(s) != &PyUnicode_Type) {
-        return 0;
-    }
-    PyASCIIObject *a = (PyASCIIObject *)s;
-    if (!a->state.compact) {
-        return 0;
-    }
-    if (a->state.ascii) {
-        *p = (const char *)(a + 1);
-        *n = a->length;
-        return 1;
-    }
-    PyCompactUnicodeObject *c = (PyCompactUnicodeObject *)s;
-    if (c->utf8 == NULL) {
-        return 0;
-    }
-    *p = c->utf8;
-    *n = c->utf8_length;
-    return 1;
-}
 
 /* Does g_funcs[func] hold exactly this code's text and first line (as intern_code finds)? */
 static int func_matches(uint32_t func, PyCodeObject *co)
