@@ -131,6 +131,15 @@ def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
     return float(m.group(1)), int(n.group(1))
 
 
+def measure(
+    proc: subprocess.Popen[bytes], port: int, duration: float, connections: int
+) -> tuple[float, float]:
+    """One ``wrk`` round: (requests per second, the server's CPU microseconds per request)."""
+    cpu = process_cpu_seconds(proc.pid)
+    rate, done = wrk(port, duration, connections)
+    return rate, (process_cpu_seconds(proc.pid) - cpu) / done * 1e6
+
+
 def request_path_cost(n: int = 20000) -> dict[str, float]:
     """Microseconds per request the middleware adds around a trivial ASGI app, in process."""
     from otlp_middleware.export import ExportResult
@@ -252,9 +261,7 @@ def same_process_rounds(
                         on = want
                         time.sleep(0.2)
                         wrk(port, 1.0, connections)  # the new state warm
-                    cpu = process_cpu_seconds(proc.pid)
-                    rate[on], done = wrk(port, duration, connections)
-                    cpu_us[on] = (process_cpu_seconds(proc.pid) - cpu) / done * 1e6
+                    rate[on], cpu_us[on] = measure(proc, port, duration, connections)
                 ratios.append(rate[True] / rate[False])
                 cpu_diffs.append(cpu_us[True] - cpu_us[False])
         finally:
@@ -313,10 +320,9 @@ def main() -> None:
                 order = variants if r % 2 == 0 else list(reversed(variants))
                 for v in order:
                     proc, port = servers[v]
-                    cpu = process_cpu_seconds(proc.pid)
-                    rate, done = wrk(port, args.duration, args.connections)
+                    rate, cpu_us = measure(proc, port, args.duration, args.connections)
                     results[v].append(rate)
-                    cpu_per_request[v].append((process_cpu_seconds(proc.pid) - cpu) / done * 1e6)
+                    cpu_per_request[v].append(cpu_us)
             finally:
                 stop_servers(servers.values())
     finally:

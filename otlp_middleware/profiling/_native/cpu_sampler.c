@@ -176,11 +176,11 @@ typedef struct {
     char file[FILE_CAP];
 } func_t;
 
-/* One entry of the frame cache (see "Frame cache" at frame_cache_get): a seqlock (even:
+/* One entry of the frame cache (see "Frame cache" at frame_info): a seqlock (even:
  * stable, odd: being written) over what a frame's function and line were computed from. */
 typedef struct {
     _Atomic uint32_t seq;
-    int32_t lasti;
+    int32_t addr; /* the instruction offset in bytes (-1: before the first) */
     int32_t first_line;
     int32_t line;
     uint32_t func;
@@ -537,7 +537,6 @@ static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *r
 #define CO_QUALNAME(co) ((co)->co_name)
 #endif
 
-
 /* Does g_funcs[func] hold exactly this code's text and first line (as intern_code finds)? */
 static int func_matches(uint32_t func, PyCodeObject *co)
 {
@@ -584,9 +583,9 @@ static inline Py_hash_t str_hash(PyObject *s)
  * A code object can die and another be made at its address, so an entry is trusted only if
  * what it was computed from is still what the frame's code holds: the same first line, the
  * same qualified-name, file-name and line-table objects, the line table's length and first
- * bytes, and the same texts - the names' cached str hashes equal the ones the entry was made with (the
- * names of code objects are interned, so hashed), else the function entry's text compared
- * byte for byte.  A wrong function would take a dead name's address reused by another name
+ * bytes, and the same texts - the names' cached str hashes equal the ones the entry was made
+ * with (the names of code objects are interned, so hashed), else the function entry's text
+ * compared byte for byte.  A wrong function would take a dead name's address reused by another name
  * of the same 64-bit hash.  The line could only be wrong for another code object of the
  * same function (same name, file and first line) made at the same address with a line table
  * at the same address as the dead one's, of the same length and first bytes, that differs
@@ -612,7 +611,7 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
         const void *c_file = LOAD(e->filename), *c_lt = LOAD(e->linetable);
         Py_ssize_t c_lt_len = LOAD(e->linetable_len);
         uint64_t c_lt_head = LOAD(e->linetable_head);
-        int32_t c_addr = LOAD(e->lasti), c_line = LOAD(e->line), c_first = LOAD(e->first_line);
+        int32_t c_addr = LOAD(e->addr), c_line = LOAD(e->line), c_first = LOAD(e->first_line);
         uint32_t c_func = LOAD(e->func);
         Py_hash_t c_qhash = LOAD(e->qualname_hash), c_fhash = LOAD(e->filename_hash);
         atomic_thread_fence(memory_order_acquire);
@@ -645,7 +644,7 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
     STORE(e->filename_hash, fhash);
     STORE(e->linetable_len, lt_len);
     STORE(e->linetable_head, lt_head);
-    STORE(e->lasti, (int32_t)addr);
+    STORE(e->addr, (int32_t)addr);
     STORE(e->first_line, first);
     STORE(e->line, *line);
     STORE(e->func, *func);
