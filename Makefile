@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cpu.py
 	$(BIN)/python bench/bench_middleware.py
+	$(BIN)/python bench/bench_background.py
 	$(BIN)/python bench/bench_tiers.py
 	$(BIN)/python bench/bench_memory.py
 

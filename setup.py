@@ -20,6 +20,7 @@ EXTENSIONS = [
     # (module name, source file)
     ("otlp_middleware.profiling._cpu_native", "cpu_sampler.c"),
     ("otlp_middleware.profiling._memalloc", "memalloc.c"),
+    ("otlp_middleware.profiling._handoff", "gil_handoff.c"),
 ]
 
 

@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..profiling._bell import Bell
 from ..types import ProfileRecord
 from ._base import Exporter, ExportResult
 
@@ -86,7 +87,8 @@ class BatchProcessor:
 
     def _init_state(self) -> None:
         self._queue: collections.deque[ProfileRecord] = collections.deque()
-        self._wake = threading.Event()
+        # The export thread's wake-up takes the GIL back by a handoff (``profiling._bell``).
+        self._wake = Bell()
         self._flush_requests: list[threading.Event] = []
         self._lock = threading.Lock()  # thread start/stop and flush requests, never emit
         self._thread: threading.Thread | None = None

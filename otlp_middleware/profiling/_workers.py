@@ -9,6 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ._bell import Bell
 from ._scope import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -73,9 +74,12 @@ class Collector:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._errors: RateLimitedLog = engine.errors
-        self._active = threading.Event()
+        self._active = Bell()
         self.active = False  # mirrors _active; read and written under the engine lock
         self._stopped = False
+        # Rung only by stop(): the waits between drains end early for it. Both waits take
+        # the GIL back by a handoff (``_bell``), as the drain that follows needs it at once.
+        self._stop_bell = Bell()
         self._thread = threading.Thread(
             target=self._run, name="otlp-middleware-collector", daemon=True
         )
@@ -88,6 +92,7 @@ class Collector:
 
     def stop(self) -> None:
         self._stopped = True
+        self._stop_bell.set()
         self._active.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
@@ -103,7 +108,7 @@ class Collector:
             if self._stopped:
                 return
             busy = engine._last_drained >= NATIVE_CAPACITY // 4
-            time.sleep(BUSY_COLLECT_INTERVAL if busy else COLLECT_INTERVAL)
+            self._stop_bell.wait(BUSY_COLLECT_INTERVAL if busy else COLLECT_INTERVAL)
             if self._stopped:
                 return
             with engine._lock:
