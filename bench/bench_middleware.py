@@ -44,7 +44,8 @@ def pinning() -> tuple[list[str], list[str]]:
     """``taskset`` prefixes putting the server and ``wrk`` on CPUs of their own, if possible.
 
     With two CPUs or more the server gets the last one and ``wrk`` the first, so the load
-    generator never takes the server's CPU; otherwise nothing is pinned.
+    generator never takes the server's CPU (nor does the OTLP receiver in this process, pinned
+    with ``wrk`` in ``main``); otherwise nothing is pinned.
     """
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or shutil.which("taskset") is None:
@@ -298,6 +299,10 @@ def main() -> None:
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is required (apt-get install wrk)")
+    if WRK_PIN:
+        # This process runs the OTLP receiver, which stands in for a collector on another
+        # machine: it shares the load generator's CPU, never the server's.
+        os.sched_setaffinity(0, {int(WRK_PIN[-1])})
     modes = dict(v.split("=", 1) if "=" in v else (v, v) for v in args.variants.split(","))
     variants = list(modes)
     base = variants[0]
