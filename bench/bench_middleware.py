@@ -348,29 +348,25 @@ def main() -> None:
             f"  {v:>11}: {median:8.1f} req/s   ratio {statistics.median(ratios):.4f} "
             f"[{q1:.4f}-{q3:.4f}]   CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
         )
+    files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
+    if "always" in modes.values():
+        print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
+    if "otlp" in modes.values():
+        print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
     if args.same_process:
-        receiver = Receiver(host="127.0.0.1", port=0, output_dir=None).start()
-        try:
-            ratios, cpu_diffs = same_process_rounds(
-                args.same_process,
-                args.same_process_rounds,
-                args.duration,
-                args.connections,
-                {**extra, "BENCH_ENDPOINT": receiver.url},
-            )
-        finally:
-            receiver.stop()
+        ratios, cpu_diffs = same_process_rounds(
+            args.same_process,
+            args.same_process_rounds,
+            args.duration,
+            args.connections,
+            {"BENCH_DIR": tempfile.mkdtemp(prefix="bench-profiles-switch-")},
+        )
         q1, median_ratio, q3 = quartiles(ratios)
         print(
             f"Same process, every request profiled vs none ({args.same_process} servers x "
             f"{args.same_process_rounds} pairs of rounds): ratio {median_ratio:.4f} "
             f"[{q1:.4f}-{q3:.4f}], CPU {statistics.median(cpu_diffs):+.1f} us/request"
         )
-    files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
-    if "always" in modes.values():
-        print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
-    if "otlp" in modes.values():
-        print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
     per_sample, per_batch = encoder_cost()
     print(
         f"OTLP encoder: {per_sample:.1f} us per sample, {per_batch:.1f} ms per batch of 512 "

@@ -28,6 +28,22 @@ def test_bell_is_the_extension_where_built() -> None:
     assert Bell is _handoff.Bell
 
 
+def test_without_the_extension_bell_is_threading_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from otlp_middleware.profiling import _bell
+
+    monkeypatch.setitem(sys.modules, "otlp_middleware.profiling._handoff", None)
+    try:
+        fallback = importlib.reload(_bell)
+        assert fallback.Bell is threading.Event
+        assert fallback.stats() == {"handoffs": 0, "fallbacks": 0}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_bell)
+    assert _bell.Bell is _handoff.Bell
+
+
 def test_bell_behaves_as_an_event() -> None:
     bell = Bell()
     assert not bell.is_set()
@@ -46,6 +62,10 @@ def test_bell_behaves_as_an_event() -> None:
         bell.wait(1, 2)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         bell.wait("soon")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        bell.wait(float("nan"))
+    bell.set()
+    assert bell.wait(float("inf")) is True  # no overflow: as good as no timeout
 
 
 def test_bell_wakes_a_waiting_thread_when_set() -> None:

@@ -263,6 +263,7 @@ static TLS volatile int64_t tl_token;
 static TLS int tl_slot = -1;
 static TLS volatile int tl_has_timer;
 static TLS timer_t tl_timer;
+static TLS pid_t tl_tid; /* this thread's kernel id, noted with its timer (create_thread_timer) */
 static TLS unsigned tl_gen;
 static TLS int64_t tl_remaining_ns;
 static TLS unsigned tl_remaining_gen;
@@ -928,7 +929,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     s->token = tl_token;
     s->cpu_ns = weight;
     s->ts_ns = now_ns(CLOCK_REALTIME);
-    s->tid = my_tid();
+    s->tid = tl_tid; /* armed: this thread made its timer */
     s->depth = (uint16_t)depth;
     s->truncated = (uint8_t)truncated;
     s->n_roots = (uint8_t)n_roots;
@@ -1396,6 +1397,7 @@ static int create_thread_timer(void)
     tl_slot = slot;
     tl_gen = g_gen;
     tl_timer = timer;
+    tl_tid = sev.sigev_notify_thread_id;
     tl_exact = 0;
     tl_has_timer = 1;
     /* the key's destructor deletes the timer when the thread exits */

@@ -25,6 +25,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
@@ -184,8 +185,15 @@ static PyObject *bell_wait(Bell *self, PyObject *const *args, Py_ssize_t nargs)
         if (timeout == -1.0 && PyErr_Occurred()) {
             return NULL;
         }
+        if (isnan(timeout)) {
+            PyErr_SetString(PyExc_ValueError, "timeout must be a number");
+            return NULL;
+        }
         if (timeout < 0) {
             timeout = 0;
+        }
+        else if (timeout > 1e9) { /* decades: as good as none (and no overflow) */
+            timeout = -1.0;
         }
     }
     struct timespec dl;
