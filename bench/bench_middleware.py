@@ -110,6 +110,12 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU of process ``pid``'s main thread so far, in nanoseconds' precision (schedstat)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
 def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
     """(requests per second, requests completed)."""
     out = subprocess.run(
@@ -134,11 +140,13 @@ def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
 
 def measure(
     proc: subprocess.Popen[bytes], port: int, duration: float, connections: int
-) -> tuple[float, float]:
-    """One ``wrk`` round: (requests per second, the server's CPU microseconds per request)."""
-    cpu = process_cpu_seconds(proc.pid)
+) -> tuple[float, float, float]:
+    """One ``wrk`` round: (requests per second, the server's CPU microseconds per request,
+    its main thread's)."""
+    cpu, main = process_cpu_seconds(proc.pid), main_thread_cpu_seconds(proc.pid)
     rate, done = wrk(port, duration, connections)
-    return rate, (process_cpu_seconds(proc.pid) - cpu) / done * 1e6
+    cpu_us = (process_cpu_seconds(proc.pid) - cpu) / done * 1e6
+    return rate, cpu_us, (main_thread_cpu_seconds(proc.pid) - main) / done * 1e6
 
 
 def request_path_cost(n: int = 20000) -> dict[str, float]:
@@ -238,16 +246,20 @@ def encoder_cost() -> tuple[float, float]:
 
 def same_process_rounds(
     processes: int, rounds: int, duration: float, connections: int, extra: dict[str, str]
-) -> tuple[list[float], list[float]]:
-    """(ratios, CPU differences) of profiling every request against none, in one process.
+) -> tuple[list[float], list[float], list[float]]:
+    """(ratios, CPU differences, main-thread CPU differences) of profiling every request
+    against none, in one process, the differences in microseconds per request.
 
     Each server (``BENCH_MODE=switch``) alternates rounds with profiling off (the middleware
     deciding ``never``) and on (every request at BENCH_HZ), flipped by SIGUSR1: a process
     measured against itself, so the 1-2% by which two processes of one program can differ
-    drops out. The ratio is on / off within each pair of rounds.
+    drops out. The ratio is on / off within each pair of rounds. The main thread serves the
+    requests (the request path, the signal handler); the rest of the difference is the
+    background threads (collector, export).
     """
     ratios: list[float] = []
     cpu_diffs: list[float] = []
+    main_diffs: list[float] = []
     for _ in range(processes):
         proc, port = start_server("switch", extra)
         on = False
@@ -256,18 +268,20 @@ def same_process_rounds(
             for r in range(rounds):
                 rate: dict[bool, float] = {}
                 cpu_us: dict[bool, float] = {}
+                main_us: dict[bool, float] = {}
                 for want in (False, True) if r % 2 == 0 else (True, False):
                     if want != on:
                         proc.send_signal(signal.SIGUSR1)
                         on = want
                         time.sleep(0.2)
                         wrk(port, 1.0, connections)  # the new state warm
-                    rate[on], cpu_us[on] = measure(proc, port, duration, connections)
+                    rate[on], cpu_us[on], main_us[on] = measure(proc, port, duration, connections)
                 ratios.append(rate[True] / rate[False])
                 cpu_diffs.append(cpu_us[True] - cpu_us[False])
+                main_diffs.append(main_us[True] - main_us[False])
         finally:
             stop_servers([(proc, port)])
-    return ratios, cpu_diffs
+    return ratios, cpu_diffs, main_diffs
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -325,7 +339,7 @@ def main() -> None:
                 order = variants if r % 2 == 0 else list(reversed(variants))
                 for v in order:
                     proc, port = servers[v]
-                    rate, cpu_us = measure(proc, port, args.duration, args.connections)
+                    rate, cpu_us, _ = measure(proc, port, args.duration, args.connections)
                     results[v].append(rate)
                     cpu_per_request[v].append(cpu_us)
             finally:
@@ -354,7 +368,7 @@ def main() -> None:
     if "otlp" in modes.values():
         print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
     if args.same_process:
-        ratios, cpu_diffs = same_process_rounds(
+        ratios, cpu_diffs, main_diffs = same_process_rounds(
             args.same_process,
             args.same_process_rounds,
             args.duration,
@@ -365,7 +379,8 @@ def main() -> None:
         print(
             f"Same process, every request profiled vs none ({args.same_process} servers x "
             f"{args.same_process_rounds} pairs of rounds): ratio {median_ratio:.4f} "
-            f"[{q1:.4f}-{q3:.4f}], CPU {statistics.median(cpu_diffs):+.1f} us/request"
+            f"[{q1:.4f}-{q3:.4f}], CPU {statistics.median(cpu_diffs):+.1f} us/request "
+            f"(main thread {statistics.median(main_diffs):+.1f})"
         )
     per_sample, per_batch = encoder_cost()
     print(
