@@ -34,9 +34,10 @@
 
 /* A busy main thread runs a pending call within microseconds (it checks the eval breaker at
  * every call and backward jump); one that does not within OFFER_WAIT_MS is blocked or idle,
- * the GIL then mostly free, and the waiter takes it the ordinary way (a force_flush() from a
- * main thread waiting for it costs that much more). */
-#define OFFER_WAIT_MS 2
+ * the GIL then mostly free, or off its CPU (a loaded machine: 2 ms missed a quarter of the
+ * offers with both CPUs busy, 5 ms one in ten), and the waiter takes the GIL the ordinary
+ * way.  A force_flush() from a main thread blocked waiting for it costs that much more. */
+#define OFFER_WAIT_MS 5
 #define TAKE_WAIT_MS 10
 
 static sem_t g_offered;          /* posted by the main thread: the GIL is free for the waiter */
