@@ -19,7 +19,8 @@
  * main thread's releases no longer wake it.  Every wait is bounded: without an offer within
  * OFFER_WAIT_MS (the main thread is blocked in C, idle, or finalizing), the waiter takes the
  * GIL the ordinary way; the main thread waits at most TAKE_WAIT_MS for the waiter to take
- * it.  The main thread never waits for a background thread's work, only for its GIL take.
+ * it.  Then the main thread queues for the GIL as after any forced switch: the background
+ * thread keeps it for at most a switch interval of work before it must hand it back.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
