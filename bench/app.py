@@ -6,7 +6,9 @@ exported as OTLP to BENCH_ENDPOINT), ``switch`` (as ``always``, but profiling is
 SIGUSR1 turns it on, and each SIGUSR1 flips it: one process measured against itself),
 ``pyinstrument`` (a peer: pyinstrument's profiler around every request at 99 Hz; ``pip install
 pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``switch``
-(default 99).
+(default 99). For diagnosis, BENCH_HANDON=0 drops the requests that may have samples instead
+of handing them on (no record, no export): with BENCH_HZ, ``switch`` then separates the
+request path, the sampling, and the hand-on with what follows it.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ elif MODE == "switch":
         aggregate=True,
         output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
+    if os.environ.get("BENCH_HANDON", "1") == "0":
+        from otlp_middleware.profiling._engine import ENGINE
+
+        def _drop(scope: Any, *unused: Any) -> None:
+            ENGINE.drop_code_scope(scope)
+
+        app.profiler.defer_root = _drop
 elif MODE == "pyinstrument":
     # A peer for comparison: pyinstrument's Profiler around every request (its documented
     # ASGI recipe), at our 99 Hz interval, the session dropped (no rendering, no export).
