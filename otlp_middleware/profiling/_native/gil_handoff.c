@@ -49,19 +49,25 @@ static unsigned long g_main_ident;
 static atomic_ulong g_handoffs;  /* GIL handed over by the main thread */
 static atomic_ulong g_fallbacks; /* no offer in time: the GIL taken the ordinary way */
 
-static struct timespec deadline_in(long ms)
+/* now + seconds on clock clk, as a deadline for the timed waits */
+static struct timespec deadline_after(clockid_t clk, double seconds)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts); /* sem_timedwait counts on CLOCK_REALTIME */
-    ts.tv_nsec += (ms % 1000) * 1000000L;
-    ts.tv_sec += ms / 1000 + ts.tv_nsec / 1000000000L;
-    ts.tv_nsec %= 1000000000L;
+    clock_gettime(clk, &ts);
+    time_t whole = (time_t)seconds;
+    ts.tv_sec += whole;
+    ts.tv_nsec += (long)((seconds - (double)whole) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
     return ts;
 }
 
 static int sem_wait_ms(sem_t *sem, long ms)
 {
-    struct timespec dl = deadline_in(ms);
+    /* sem_timedwait counts on CLOCK_REALTIME */
+    struct timespec dl = deadline_after(CLOCK_REALTIME, ms / 1000.0);
     int r;
     while ((r = sem_timedwait(sem, &dl)) != 0 && errno == EINTR) {
     }
@@ -202,18 +208,14 @@ static PyObject *bell_wait(Bell *self, PyObject *const *args, Py_ssize_t nargs)
             timeout = -1.0;
         }
     }
-    struct timespec dl;
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    if (timeout >= 0) {
-        double whole = (double)(long long)timeout;
-        dl.tv_sec += (time_t)whole;
-        dl.tv_nsec += (long)((timeout - whole) * 1e9);
-        if (dl.tv_nsec >= 1000000000L) {
-            dl.tv_sec += 1;
-            dl.tv_nsec -= 1000000000L;
-        }
-    }
     int flag;
+    pthread_mutex_lock(&self->mu);
+    flag = self->flag;
+    pthread_mutex_unlock(&self->mu);
+    if (flag) {
+        Py_RETURN_TRUE; /* set already: no wait, the GIL kept (no handoff to ask for) */
+    }
+    struct timespec dl = deadline_after(CLOCK_MONOTONIC, timeout >= 0 ? timeout : 0);
     PyThreadState *save = PyEval_SaveThread();
     pthread_mutex_lock(&self->mu);
     while (!self->flag) {
