@@ -1073,26 +1073,26 @@ def test_the_frame_cache_names_the_code_that_ran_when_addresses_are_reused(
     addresses: Counter[int] = Counter()
     wrong: list[tuple[int, int, int]] = []
     sampled_rounds = 0
-    native.arm_thread(1)
-    try:
-        for i in range(60):
-            pad = "\n" * (i % 4)  # blank lines: the same bytecode, the loop on another line
-            src = f"def gen(until):\n{pad}    while time.thread_time() < until:\n        pass\n"
-            namespace: dict[str, Any] = {"time": time}
-            exec(compile(src, "<gen>", "exec"), namespace)
-            gen = namespace.pop("gen")
-            addresses[id(gen.__code__)] += 1
-            hot = {2 + i % 4, 3 + i % 4}
+    for i in range(60):
+        pad = "\n" * (i % 4)  # blank lines: the same bytecode, the loop on another line
+        src = f"def gen(until):\n{pad}    while time.thread_time() < until:\n        pass\n"
+        namespace: dict[str, Any] = {"time": time}
+        exec(compile(src, "<gen>", "exec"), namespace)
+        gen = namespace.pop("gen")
+        addresses[id(gen.__code__)] += 1
+        hot = {2 + i % 4, 3 + i % 4}
+        # Armed only while ``gen`` runs: a sample taken while ``exec`` ran the module body
+        # above would rightly name ``<module>`` in ``<gen>`` (a rare flake in CI before).
+        native.arm_thread(1)
+        try:
             gen(time.thread_time() + 0.02)
-            del gen, namespace
+        finally:
             native.disarm_thread()
-            leaves = [s[5][0] for s in native.drain() if s[5] and s[5][0][1] == "<gen>"]
-            native.arm_thread(1)
-            sampled_rounds += bool(leaves)
-            wrong += [(i, line, first) for name, _, first, line in leaves if line not in hot]
-            assert all(name == "gen" for name, _, _, _ in leaves)
-    finally:
-        native.disarm_thread()
+        del gen, namespace
+        leaves = [s[5][0] for s in native.drain() if s[5] and s[5][0][1] == "<gen>"]
+        sampled_rounds += bool(leaves)
+        wrong += [(i, line, first) for name, _, first, line in leaves if line not in hot]
+        assert all(name == "gen" for name, _, _, _ in leaves), leaves
     stats = native.stats()
     assert max(addresses.values()) > 1, "no code address was reused: the test proves nothing"
     assert sampled_rounds >= 30, stats
