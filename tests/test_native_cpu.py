@@ -878,6 +878,19 @@ class _Scope:
         self.quiet = False
 
 
+def _code_scope(mark: int) -> Any:
+    """A ``CodeScope`` (the extension's C fields) as ``open_scope`` leaves it, with ``mark``."""
+    from otlp_middleware.profiling._scope import CodeScope
+
+    scope = CodeScope.__new__(CodeScope)
+    scope.mark = mark
+    return scope
+
+
+# end_scope and the send watcher read a CodeScope's C fields, any other scope's attributes
+SCOPE_KINDS = [pytest.param(_Scope, id="attributes"), pytest.param(_code_scope, id="c-fields")]
+
+
 def test_mark_counts_published_samples_on_an_armed_thread(native: ModuleType) -> None:
     """-1 unless armed; two equal readings mean no sample was published in between."""
     assert native.mark() == -1  # not started
@@ -901,18 +914,21 @@ def test_mark_counts_published_samples_on_an_armed_thread(native: ModuleType) ->
     assert after - first == len(native.drain()) > 0
 
 
-def test_end_scope_sets_the_end_once_and_whether_it_was_quiet(native: ModuleType) -> None:
+@pytest.mark.parametrize("make_scope", SCOPE_KINDS)
+def test_end_scope_sets_the_end_once_and_whether_it_was_quiet(
+    native: ModuleType, make_scope: Callable[[int], Any]
+) -> None:
     native.start(999)
     ends: list[tuple[int | None, bool, int | None, bool]] = []
 
     def body() -> None:
         native.arm_thread(7)
         try:
-            quiet = _Scope(native.mark())
+            quiet = make_scope(native.mark())
             native.end_scope(quiet)  # no sample since its mark
             first_end = quiet.closed_ns
             native.end_scope(quiet)  # idempotent: the first end stays
-            busy = _Scope(native.mark())
+            busy = make_scope(native.mark())
             burst(0.05)
             native.end_scope(busy)
             ends.append((first_end, quiet.quiet, busy.closed_ns, busy.quiet))
@@ -926,14 +942,18 @@ def test_end_scope_sets_the_end_once_and_whether_it_was_quiet(native: ModuleType
     assert first_end is not None and before <= first_end <= time.time_ns()
     assert was_quiet is True
     assert busy_end is not None and busy_quiet is False
-    unarmed = _Scope(native.mark())  # -1 here: an unarmed thread is never quiet
+    unarmed = make_scope(native.mark())  # -1 here: an unarmed thread is never quiet
     native.end_scope(unarmed)
     assert unarmed.quiet is False
     with pytest.raises(AttributeError):
         native.end_scope(object())
 
 
-def test_send_watcher_notes_status_and_ends_at_the_last_body(native: ModuleType) -> None:
+@pytest.mark.parametrize("make_scope", SCOPE_KINDS)
+@pytest.mark.parametrize("make_watcher", ["SendWatcher", "watch_send"])
+def test_send_watcher_notes_status_and_ends_at_the_last_body(
+    native: ModuleType, make_scope: Callable[[int], Any], make_watcher: str
+) -> None:
     """Messages pass through unchanged; the scope ends at the last body chunk only."""
     sent: list[Any] = []
 
@@ -941,8 +961,9 @@ def test_send_watcher_notes_status_and_ends_at_the_last_body(native: ModuleType)
         sent.append(message)
         return "sent"
 
-    scope = _Scope(-1)
-    watcher = native.SendWatcher(send, scope)
+    scope = make_scope(-1)
+    watcher = getattr(native, make_watcher)(send, scope)
+    assert type(watcher) is native.SendWatcher
     assert watcher.status is None
 
     async def respond() -> list[Any]:
@@ -986,6 +1007,42 @@ def test_send_watcher_never_raises_its_own_errors(native: ModuleType) -> None:
 
     with pytest.raises(ConnectionResetError):
         asyncio.run(native.SendWatcher(failing, _Scope(-1))({"type": "http.response.body"}))
+
+
+def test_a_code_scopes_c_fields_read_and_set_as_attributes(native: ModuleType) -> None:
+    """What ``Scope`` keeps as attributes, ``CodeScope`` keeps in C with the same meaning."""
+    import gc
+    import weakref
+
+    from otlp_middleware.profiling._scope import CodeScope, Scope
+
+    scope = CodeScope.__new__(CodeScope)
+    assert isinstance(scope, native.ScopeCore) and isinstance(scope, Scope)
+    defaults = ("closed_ns", "deadline_ns", "mark", "quiet", "root_key", "finish")
+    assert [getattr(scope, n) for n in defaults] == [getattr(Scope, n) for n in defaults]
+    scope.closed_ns, scope.deadline_ns, scope.opened_ns = 5, -(2**62), 2**62
+    scope.thread_id, scope.period_ns, scope.max_depth = 2**64 - 1, 10_101_010, 64
+    assert (scope.closed_ns, scope.deadline_ns, scope.opened_ns) == (5, -(2**62), 2**62)
+    assert (scope.thread_id, scope.period_ns, scope.max_depth) == (2**64 - 1, 10_101_010, 64)
+    assert scope.duration_ns == 0  # Scope's methods read them as they read attributes
+    scope.closed_ns = None
+    assert scope.closed_ns is None
+    scope.root_key, scope.quiet, scope.finish = -123, True, print
+    assert (scope.root_key, scope.quiet, scope.finish) == (-123, True, print)
+    with pytest.raises(TypeError):
+        scope.closed_ns = "soon"
+    with pytest.raises(TypeError):
+        scope.root_key = None
+    with pytest.raises(AttributeError):
+        del scope.closed_ns
+    scope.samples = "its own"  # anything else is an instance attribute, as before
+    assert vars(scope) == {"samples": "its own"}
+    # a cycle through finish is collected
+    ref = weakref.ref(scope)
+    scope.finish = lambda s, scope=scope: None
+    del scope
+    gc.collect()
+    assert ref() is None
 
 
 def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(

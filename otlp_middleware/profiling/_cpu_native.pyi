@@ -143,6 +143,26 @@ def armed_timers() -> int:
 def _after_fork_child() -> None:
     """Reset all state in a forked child: timers are not inherited by ``fork()``."""
 
+class ScopeCore:
+    """The C fields of a code scope (the base of ``CodeScope``), read and set by the request
+    path without dictionaries or int objects; ``closed_ns`` and ``deadline_ns`` are None
+    when unset."""
+
+    thread_id: int
+    period_ns: int
+    max_depth: int
+    opened_ns: int
+    closed_ns: int | None
+    deadline_ns: int | None
+    mark: int
+    quiet: bool
+    root_key: int
+    finish: Any
+
+def watch_send(send: Any, scope: Any) -> Any:
+    """An ASGI ``send`` that passes every message on unchanged, notes the response status
+    (``.status``) and ends ``scope`` (``end_scope``) at the last body chunk."""
+
 def open_scope(
     cls: type[_T],
     code_roots: dict[int, Any],

@@ -113,7 +113,7 @@ class NativeTier:
         self._native = module
         real = self._native_module
         self.end_code_scope = real.end_scope if real is not None else _needs_extension
-        self.watch_send = real.SendWatcher if real is not None else _needs_extension
+        self.watch_send = real.watch_send if real is not None else _needs_extension
         self._native_periods: dict[int, int] = {}
         self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}

@@ -115,6 +115,7 @@
 #else
 #include <frameobject.h>
 #endif
+#include <structmember.h>
 
 #include <errno.h>
 #include <math.h>
@@ -1937,19 +1938,171 @@ static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
 
 static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark, *s_root_key;
 static PyObject *s_response_start, *s_response_body;
-static PyObject *s_thread_id, *s_period_ns, *s_max_depth, *s_opened_ns;
-static PyObject *s_deadline_ns, *s_finish, *s_append;
+static PyObject *s_finish, *s_append;
 static _Atomic uint64_t g_code_opens;
 
-static int set_new(PyObject *obj, PyObject *name, PyObject *value)
+/* ScopeCore: the C base of CodeScope (see _scope.py).  One is made for every profiled
+ * request of an async app, so what the request path reads and writes lives in C fields:
+ * no instance dict entries, no int objects for the times and marks.  Python reads and sets
+ * them as ordinary attributes; closed_ns and deadline_ns are None when unset.  Other scope
+ * objects (tests pass plain ones) take the attribute path in end_scope and forget_scope. */
+#define NO_NS INT64_MIN
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long thread_id;
+    long long period_ns, max_depth, opened_ns, mark;
+    int64_t closed_ns, deadline_ns; /* NO_NS: None */
+    char quiet;
+    PyObject *root_key; /* code_roots' key of a code root (-id(frame)); 0 otherwise */
+    PyObject *finish;   /* NULL: None */
+} ScopeCore;
+
+static PyTypeObject ScopeCoreType;
+
+static inline int is_core(PyObject *scope)
+{
+    return PyObject_TypeCheck(scope, &ScopeCoreType);
+}
+
+static void core_defaults(ScopeCore *c)
+{
+    c->mark = -1;
+    c->closed_ns = c->deadline_ns = NO_NS;
+    c->root_key = PyLong_FromLong(0); /* a cached small int: cannot fail */
+}
+
+static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    ScopeCore *c = (ScopeCore *)type->tp_alloc(type, 0);
+    if (c != NULL) {
+        core_defaults(c);
+    }
+    return (PyObject *)c;
+}
+
+static int core_traverse(ScopeCore *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->finish);
+    return 0;
+}
+
+static int core_clear(ScopeCore *c)
+{
+    Py_CLEAR(c->finish);
+    return 0;
+}
+
+static void core_dealloc(ScopeCore *c)
+{
+    PyObject_GC_UnTrack(c);
+    core_clear(c);
+    Py_CLEAR(c->root_key);
+    PyTypeObject *type = Py_TYPE(c);
+    type->tp_free((PyObject *)c);
+}
+
+static PyObject *ns_get(int64_t v)
+{
+    return v == NO_NS ? Py_NewRef(Py_None) : PyLong_FromLongLong(v);
+}
+
+static int ns_set(int64_t *field, PyObject *value, const char *name)
 {
     if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
         return -1;
     }
-    int err = PyObject_SetAttr(obj, name, value);
-    Py_DECREF(value);
-    return err;
+    if (value == Py_None) {
+        *field = NO_NS;
+        return 0;
+    }
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v == NO_NS) {
+        PyErr_Format(PyExc_OverflowError, "%s out of range", name);
+        return -1;
+    }
+    *field = v;
+    return 0;
 }
+
+static PyObject *core_get_closed(ScopeCore *c, void *closure)
+{
+    return ns_get(c->closed_ns);
+}
+
+static int core_set_closed(ScopeCore *c, PyObject *value, void *closure)
+{
+    return ns_set(&c->closed_ns, value, "closed_ns");
+}
+
+static PyObject *core_get_deadline(ScopeCore *c, void *closure)
+{
+    return ns_get(c->deadline_ns);
+}
+
+static int core_set_deadline(ScopeCore *c, PyObject *value, void *closure)
+{
+    return ns_set(&c->deadline_ns, value, "deadline_ns");
+}
+
+static PyObject *core_get_root_key(ScopeCore *c, void *closure)
+{
+    return Py_NewRef(c->root_key);
+}
+
+static int core_set_root_key(ScopeCore *c, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "root_key must be an int");
+        return -1;
+    }
+    Py_SETREF(c->root_key, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef core_getset[] = {
+    {"closed_ns", (getter)core_get_closed, (setter)core_set_closed,
+     "When the scope ended (Unix ns), None while open.", NULL},
+    {"deadline_ns", (getter)core_get_deadline, (setter)core_set_deadline,
+     "Unix time after which samples are not kept, or None.", NULL},
+    {"root_key", (getter)core_get_root_key, (setter)core_set_root_key,
+     "A code root's key in the engine's code roots (-id(frame)); 0 otherwise.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"thread_id", T_ULONG, offsetof(ScopeCore, thread_id), 0, "The thread's ident."},
+    {"period_ns", T_LONGLONG, offsetof(ScopeCore, period_ns), 0, "The sampling period."},
+    {"max_depth", T_LONGLONG, offsetof(ScopeCore, max_depth), 0, "Frames kept per sample."},
+    {"opened_ns", T_LONGLONG, offsetof(ScopeCore, opened_ns), 0, "When it opened (Unix ns)."},
+    {"mark", T_LONGLONG, offsetof(ScopeCore, mark), 0,
+     "The extension's count of published samples at the open (-1: none read)."},
+    {"quiet", T_BOOL, offsetof(ScopeCore, quiet), 0,
+     "No sample at all was published between the open and the end."},
+    {"finish", T_OBJECT, offsetof(ScopeCore, finish), 0,
+     "A released code root's finish (the engine calls it), or None."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ScopeCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otlp_middleware.profiling._cpu_native.ScopeCore",
+    .tp_basicsize = sizeof(ScopeCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ScopeCore()\n--\n\nThe C fields of a code scope (the base of CodeScope): "
+              "thread_id, period_ns, max_depth, opened_ns, closed_ns, deadline_ns, mark, "
+              "quiet, root_key and finish, read and set by the request path without "
+              "dictionaries or int objects.",
+    .tp_new = core_new,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_getset = core_getset,
+    .tp_members = core_members,
+};
 
 /* open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns): the request's
  * scope at a registered root code, made in one call: None unless the sampler runs at
@@ -1963,13 +2116,26 @@ static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *cls = args[0], *code_roots = args[1], *frame = args[2];
-    if (!PyType_Check(cls) || !PyDict_Check(code_roots) || !PyFrame_Check(frame)) {
-        PyErr_SetString(PyExc_TypeError, "open_scope(cls, code_roots: dict, frame, ...)");
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &ScopeCoreType) ||
+        !PyDict_Check(code_roots) || !PyFrame_Check(frame)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "open_scope(cls: a ScopeCore subclass, code_roots: dict, frame, ...)");
         return NULL;
     }
     long long period = PyLong_AsLongLong(args[3]);
     if (period == -1 && PyErr_Occurred()) {
         return NULL;
+    }
+    long long max_depth = PyLong_AsLongLong(args[4]);
+    if (max_depth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long max_duration = 0;
+    if (args[5] != Py_None) {
+        max_duration = PyLong_AsLongLong(args[5]);
+        if (max_duration == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
     }
     check_fork_fast();
     if (!thread_sampled() ||
@@ -1994,35 +2160,25 @@ static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         Py_RETURN_NONE; /* a second scope on the same frame: the general path */
     }
-    uint64_t mark = atomic_load_explicit(&g_published, memory_order_acquire);
-    int64_t opened = now_ns(CLOCK_REALTIME);
-    PyObject *scope = ((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, 0);
+    ScopeCore *scope = (ScopeCore *)((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, 0);
     if (scope == NULL) {
         Py_DECREF(key);
         return NULL;
     }
-    int err = set_new(scope, s_thread_id, PyLong_FromUnsignedLong(PyThread_get_thread_ident()));
-    err = err ? err : PyObject_SetAttr(scope, s_period_ns, args[3]);
-    err = err ? err : PyObject_SetAttr(scope, s_max_depth, args[4]);
-    err = err ? err : set_new(scope, s_opened_ns, PyLong_FromLongLong(opened));
-    if (!err && args[5] != Py_None) {
-        long long max_duration = PyLong_AsLongLong(args[5]);
-        if (max_duration == -1 && PyErr_Occurred()) {
-            err = -1;
-        } else if (max_duration) {
-            err = set_new(scope, s_deadline_ns, PyLong_FromLongLong(opened + max_duration));
-        }
-    }
-    err = err ? err : set_new(scope, s_mark, PyLong_FromUnsignedLongLong(mark));
-    err = err ? err : PyObject_SetAttr(scope, s_root_key, key);
-    err = err ? err : PyDict_SetItem(code_roots, key, scope);
-    Py_DECREF(key);
-    if (err) {
+    scope->mark = (long long)atomic_load_explicit(&g_published, memory_order_acquire);
+    scope->opened_ns = now_ns(CLOCK_REALTIME);
+    scope->thread_id = PyThread_get_thread_ident();
+    scope->period_ns = period;
+    scope->max_depth = max_depth;
+    scope->closed_ns = NO_NS;
+    scope->deadline_ns = max_duration ? scope->opened_ns + max_duration : NO_NS;
+    scope->root_key = key; /* the reference made above */
+    if (PyDict_SetItem(code_roots, key, (PyObject *)scope) < 0) {
         Py_DECREF(scope);
         return NULL;
     }
     atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
-    return scope;
+    return (PyObject *)scope;
 }
 
 static PyObject *py_code_opens(PyObject *self, PyObject *unused)
@@ -2034,6 +2190,19 @@ static PyObject *py_code_opens(PyObject *self, PyObject *unused)
  * scope.mark was read (mark() at the end equals the one at the open). */
 static int end_scope(PyObject *scope)
 {
+    if (is_core(scope)) {
+        ScopeCore *c = (ScopeCore *)scope;
+        if (c->closed_ns != NO_NS) {
+            return 0;
+        }
+        check_fork_fast();
+        long long mark_now = thread_sampled() ? (long long)atomic_load_explicit(
+                                                    &g_published, memory_order_acquire)
+                                              : -1;
+        c->closed_ns = now_ns(CLOCK_REALTIME);
+        c->quiet = c->mark >= 0 && mark_now == c->mark;
+        return 0;
+    }
     PyObject *closed = PyObject_GetAttr(scope, s_closed_ns);
     if (closed == NULL) {
         return -1;
@@ -2081,7 +2250,8 @@ static PyObject *py_end_scope(PyObject *self, PyObject *scope)
 /* delete code_roots[scope.root_key] if it is scope; -1 on an error */
 static int forget_scope(PyObject *code_roots, PyObject *scope)
 {
-    PyObject *key = PyObject_GetAttr(scope, s_root_key);
+    PyObject *key = is_core(scope) ? Py_NewRef(((ScopeCore *)scope)->root_key)
+                                   : PyObject_GetAttr(scope, s_root_key);
     if (key == NULL) {
         return -1;
     }
@@ -2095,23 +2265,30 @@ static int forget_scope(PyObject *code_roots, PyObject *scope)
 
 /* end_scope(); then, if no sample was published since the open (quiet), forget the scope:
  * delete code_roots[scope.root_key] if it is this scope.  Returns quiet. */
-static PyObject *py_finish_scope(PyObject *self, PyObject *args)
+static PyObject *py_finish_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *scope, *code_roots;
-    if (!PyArg_ParseTuple(args, "O!O:finish_scope", &PyDict_Type, &code_roots, &scope)) {
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "finish_scope(code_roots: dict, scope)");
         return NULL;
     }
+    PyObject *code_roots = args[0], *scope = args[1];
     if (end_scope(scope) < 0) {
         return NULL;
     }
-    PyObject *quiet = PyObject_GetAttr(scope, s_quiet);
-    if (quiet == NULL) {
-        return NULL;
+    int is_quiet;
+    if (is_core(scope)) {
+        is_quiet = ((ScopeCore *)scope)->quiet;
     }
-    int is_quiet = PyObject_IsTrue(quiet);
-    Py_DECREF(quiet);
-    if (is_quiet < 0) {
-        return NULL;
+    else {
+        PyObject *quiet = PyObject_GetAttr(scope, s_quiet);
+        if (quiet == NULL) {
+            return NULL;
+        }
+        is_quiet = PyObject_IsTrue(quiet);
+        Py_DECREF(quiet);
+        if (is_quiet < 0) {
+            return NULL;
+        }
     }
     if (!is_quiet) {
         Py_RETURN_FALSE;
@@ -2133,7 +2310,10 @@ static PyObject *py_release_scope(PyObject *self, PyObject *const *args, Py_ssiz
         return NULL;
     }
     PyObject *code_roots = args[0], *scope = args[2];
-    if (PyObject_SetAttr(scope, s_finish, args[3]) < 0) {
+    if (is_core(scope)) {
+        Py_XSETREF(((ScopeCore *)scope)->finish, Py_NewRef(args[3]));
+    }
+    else if (PyObject_SetAttr(scope, s_finish, args[3]) < 0) {
         return NULL;
     }
     PyObject *res = PyObject_CallMethodOneArg(args[1], s_append, scope);
@@ -2164,7 +2344,8 @@ static PyObject *message_get(PyObject *message, PyObject *key)
 
 static int is_str(PyObject *v, PyObject *literal)
 {
-    return v != NULL && PyUnicode_Check(v) && PyUnicode_Compare(v, literal) == 0;
+    return v != NULL &&
+           (v == literal || (PyUnicode_CheckExact(v) && PyUnicode_Compare(v, literal) == 0));
 }
 
 typedef struct {
@@ -2174,6 +2355,8 @@ typedef struct {
     PyObject *status;
     vectorcallfunc vectorcall;
 } SendWatcher;
+
+static PyTypeObject SendWatcherType;
 
 /* Note what the request needs from one message; never fails (the app must not see our
  * errors: a message we cannot read is passed on unread). */
@@ -2226,6 +2409,25 @@ static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     Py_INCREF(scope);
     w->send = send;
     w->scope = scope;
+    w->status = NULL;
+    w->vectorcall = watcher_vectorcall;
+    return (PyObject *)w;
+}
+
+/* watch_send(send, scope): SendWatcher(send, scope) without parsing a tuple of arguments
+ * (the request path makes one per profiled request). */
+static PyObject *py_watch_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "watch_send(send, scope) takes 2 arguments");
+        return NULL;
+    }
+    SendWatcher *w = (SendWatcher *)SendWatcherType.tp_alloc(&SendWatcherType, 0);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->send = Py_NewRef(args[0]);
+    w->scope = Py_NewRef(args[1]);
     w->status = NULL;
     w->vectorcall = watcher_vectorcall;
     return (PyObject *)w;
@@ -2295,22 +2497,21 @@ static int init_request_path(PyObject *m)
     s_root_key = PyUnicode_InternFromString("root_key");
     s_response_start = PyUnicode_InternFromString("http.response.start");
     s_response_body = PyUnicode_InternFromString("http.response.body");
-    s_thread_id = PyUnicode_InternFromString("thread_id");
-    s_period_ns = PyUnicode_InternFromString("period_ns");
-    s_max_depth = PyUnicode_InternFromString("max_depth");
-    s_opened_ns = PyUnicode_InternFromString("opened_ns");
-    s_deadline_ns = PyUnicode_InternFromString("deadline_ns");
     s_finish = PyUnicode_InternFromString("finish");
     s_append = PyUnicode_InternFromString("append");
-    if (!s_thread_id || !s_period_ns || !s_max_depth || !s_opened_ns || !s_deadline_ns ||
-        !s_finish || !s_append) {
+    if (!s_finish || !s_append) {
         return -1;
     }
     if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_root_key ||
         !s_response_start || !s_response_body) {
         return -1;
     }
-    if (PyType_Ready(&SendWatcherType) < 0) {
+    if (PyType_Ready(&SendWatcherType) < 0 || PyType_Ready(&ScopeCoreType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&ScopeCoreType);
+    if (PyModule_AddObject(m, "ScopeCore", (PyObject *)&ScopeCoreType) < 0) {
+        Py_DECREF(&ScopeCoreType);
         return -1;
     }
     Py_INCREF(&SendWatcherType);
@@ -2360,7 +2561,7 @@ static PyMethodDef methods[] = {
     {"end_scope", py_end_scope, METH_O,
      "end_scope(scope)\n--\n\nUnless scope.closed_ns is set: set it to now (Unix ns) and "
      "scope.quiet to whether mark() still equals scope.mark."},
-    {"finish_scope", py_finish_scope, METH_VARARGS,
+    {"finish_scope", (PyCFunction)(void (*)(void))py_finish_scope, METH_FASTCALL,
      "finish_scope(code_roots, scope)\n--\n\nend_scope(scope); then, if scope.quiet, delete "
      "code_roots[scope.root_key] when it is scope. Returns scope.quiet."},
     {"open_scope", (PyCFunction)(void (*)(void))py_open_scope, METH_FASTCALL,
@@ -2372,6 +2573,9 @@ static PyMethodDef methods[] = {
     {"release_scope", (PyCFunction)(void (*)(void))py_release_scope, METH_FASTCALL,
      "release_scope(code_roots, released, scope, finish)\n--\n\nscope.finish = finish; "
      "released.append(scope); then delete code_roots[scope.root_key] if it is scope."},
+    {"watch_send", (PyCFunction)(void (*)(void))py_watch_send, METH_FASTCALL,
+     "watch_send(send, scope)\n--\n\nSendWatcher(send, scope), made without parsing a "
+     "tuple of arguments."},
     {"code_opens", py_code_opens, METH_NOARGS,
      "code_opens()\n--\n\nThe number of scopes open_scope() has made (never reset)."},
     {"mark", py_mark, METH_NOARGS,
