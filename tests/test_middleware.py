@@ -610,3 +610,49 @@ def test_interleaved_async_requests_on_one_loop_keep_their_own_samples() -> None
     # favour one request's chunks.
     total = sum(len(r.cpu_samples) for r in exporter.records)
     assert 80 <= total <= 160, total
+
+
+def test_a_request_that_only_waited_while_another_ran_exports_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Samples taken in a request's window that are another request's make it no profile.
+
+    On one loop, ``/wait`` awaits while ``/busy`` burns CPU: samples are taken during both
+    windows, so both are handed on to the collector (neither is quiet), but only ``/busy``
+    owns samples; nothing is exported for ``/wait``, which is counted empty.
+    """
+    import types
+
+    exporter = KeepingExporter()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["route"] = types.SimpleNamespace(path=scope["path"])
+        if scope["path"] == "/wait":
+            await asyncio.sleep(0.15)
+        elif scope["path"] == "/busy":
+            workloads.hot_function(0.1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = make(app, exporter)
+    handed_on: list[str | None] = []
+    defer_root = mw.profiler.defer_root
+
+    def deferring(*args: Any) -> None:
+        handed_on.append(args[4]())  # the route
+        defer_root(*args)
+
+    monkeypatch.setattr(mw.profiler, "defer_root", deferring)
+
+    async def main() -> None:
+        await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
+        await asyncio.gather(asgi_get(mw, "/wait"), asgi_get(mw, "/busy"))
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    routes = [r.attributes.get("http.route") for r in exporter.records]
+    assert "/busy" in routes and "/wait" not in routes
+    stats = mw.profiler.stats()
+    assert stats.empty == stats.sampled - len(exporter.records) >= 1
+    if handed_on:  # the lean path (taken when the sampler already runs at this rate)
+        assert {"/wait", "/busy"} <= set(handed_on)  # neither was quiet

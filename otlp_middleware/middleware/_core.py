@@ -469,20 +469,39 @@ class RequestProfiler:
         context: contextvars.Context,
         scope: Scope,
     ) -> None:
-        handle = RequestHandle(self, context.run(otel_context.get_current), method)
-        if self._extra:
-            handle.attributes.update(self._extra)
-        if error is not None:
-            handle.set_error(error)
-            if status_code is None:
-                status_code = 500
-        handle.status_code = status_code
-        handle.route_source = route_source
-        handle._cpu_scope = scope
-        handle._done = True
+        """The record of a lean request (``defer_root``), on the collector thread.
+
+        Built straight from the scope, without a ``RequestHandle``: about 1 in 10 requests at
+        99 Hz come here, so this is most of the collector's work per exported request.
+        """
+        samples = scope.samples
+        if not samples:
+            # Samples were taken while it ran, but none was its own (another request's, on
+            # the same loop between two of its awaits): nothing to build.
+            self._empty += 1
+            return
         try:
-            self._close_scopes(handle)  # the scope has ended: this takes its samples
-            self._emit(handle)
+            if scope.closed_ns is None:  # ended before it was handed on; never the case
+                ENGINE.close(scope)
+            attributes: dict[str, AttributeScalar] = {"http.request.method": method}
+            if self._extra:
+                attributes.update(self._extra)
+            if error is not None:
+                attributes["error.type"] = type(error).__qualname__
+                if status_code is None:
+                    status_code = 500
+            self._emit_record(
+                attributes,
+                status_code,
+                route_source,
+                scope.opened_ns,
+                scope.duration_ns,
+                tuple(samples),
+                scope.period_ns,
+                (),
+                0,
+                current_span_link(context.run(otel_context.get_current)),
+            )
         except Exception:
             self._fault("closing a request's profile")
 
@@ -547,20 +566,49 @@ class RequestProfiler:
         if not handle._cpu_samples and not handle._heap_samples:
             self._empty += 1
             return
-        if handle.status_code is not None:
-            handle.attributes["http.response.status_code"] = handle.status_code
-        if handle.route_source is not None and "http.route" not in handle.attributes:
-            handle.set_route(handle.route_source())
+        self._emit_record(
+            handle.attributes,
+            handle.status_code,
+            handle.route_source,
+            handle._start_ns,
+            max(handle._end_ns - handle._start_ns, 0),
+            handle._cpu_samples,
+            handle._period_ns,
+            handle._heap_samples,
+            handle._heap_period,
+            handle.link,
+        )
+
+    def _emit_record(
+        self,
+        attributes: dict[str, AttributeScalar],
+        status_code: int | None,
+        route_source: Callable[[], str | None] | None,
+        start_ns: int,
+        duration_ns: int,
+        cpu_samples: Sequence[Any],
+        cpu_period_ns: int,
+        heap_samples: Sequence[Any],
+        heap_period_bytes: int,
+        link: SpanLink | None,
+    ) -> None:
+        """Complete a request's attributes (status, route) and queue its record."""
+        if status_code is not None:
+            attributes["http.response.status_code"] = status_code
+        if route_source is not None and "http.route" not in attributes:
+            route = route_source()
+            if route:
+                attributes["http.route"] = route
         record = ProfileRecord(
             profile_id=new_profile_id(),
-            start_time_ns=handle._start_ns,
-            duration_ns=max(handle._end_ns - handle._start_ns, 0),
-            cpu_samples=handle._cpu_samples,
-            cpu_period_ns=handle._period_ns,
-            heap_samples=handle._heap_samples,
-            heap_period_bytes=handle._heap_period,
-            link=handle.link,
-            attributes=handle.attributes,
+            start_time_ns=start_ns,
+            duration_ns=duration_ns,
+            cpu_samples=cpu_samples,
+            cpu_period_ns=cpu_period_ns,
+            heap_samples=heap_samples,
+            heap_period_bytes=heap_period_bytes,
+            link=link,
+            attributes=attributes,
         )
         if self.processor.emit(record):
             self._emitted += 1

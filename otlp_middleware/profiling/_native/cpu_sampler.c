@@ -226,7 +226,7 @@ static _Atomic int g_in_handler;
 
 static _Atomic uint64_t st_samples, st_dropped, st_signals, st_no_python, st_no_tstate,
     st_not_armed, st_func_full, st_truncated, st_overruns, st_faults, st_fallbacks,
-    st_rejected, st_unowned, st_frame_cache_hits, st_frame_cache_misses;
+    st_rejected, st_unowned, st_frame_cache_hits, st_frame_cache_misses, st_handler_ns;
 
 /* the SIGSEGV/SIGBUS actions found at start() (see "Fault guard" at on_fault) */
 static struct sigaction g_old_segv, g_old_bus;
@@ -816,6 +816,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     (void)uctx;
     int saved_errno = errno;
     volatile int rearm = 0; /* read after a jump back from on_fault */
+    volatile int64_t entered_at = 0; /* CLOCK_MONOTONIC when the sample began (stats) */
     atomic_fetch_add_explicit(&g_in_handler, 1, memory_order_acq_rel);
     atomic_fetch_add_explicit(&st_signals, 1, memory_order_relaxed);
     if (!atomic_load_explicit(&g_enabled, memory_order_acquire)) {
@@ -852,6 +853,7 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
         tl_deadline_ns = now + next_gap(period);
     }
     rearm = 1;
+    entered_at = now_ns(CLOCK_MONOTONIC);
     /* deadlines merged into this signal: CPU timers are checked on the scheduler tick, so
      * gaps shorter than the tick (or a delayed delivery) fold several into one signal */
     if (passed > 1) {
@@ -949,6 +951,10 @@ out:
         tl_exact_epoch = atomic_load_explicit(&g_rearm_epoch, memory_order_acquire);
         tl_exact = 1;
         set_deadline(tl_timer, tl_deadline_ns);
+    }
+    if (entered_at) {
+        atomic_fetch_add_explicit(&st_handler_ns, (uint64_t)(now_ns(CLOCK_MONOTONIC) - entered_at),
+                                  memory_order_relaxed);
     }
     atomic_fetch_sub_explicit(&g_in_handler, 1, memory_order_acq_rel);
     errno = saved_errno;
@@ -1129,6 +1135,7 @@ static void reset_stats(void)
     atomic_store(&st_func_full, 0);
     atomic_store(&st_frame_cache_hits, 0);
     atomic_store(&st_frame_cache_misses, 0);
+    atomic_store(&st_handler_ns, 0);
     atomic_store(&st_truncated, 0);
     atomic_store(&st_overruns, 0);
     atomic_store(&st_faults, 0);
@@ -1857,7 +1864,7 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_unlock(&g_timer_lock);
     int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
+        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
         (unsigned long long)atomic_load(&st_samples), "dropped",
         (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
         armed,
@@ -1873,7 +1880,8 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
         (unsigned long long)atomic_load(&st_fallbacks), "walk_rejected",
         (unsigned long long)atomic_load(&st_rejected), "frame_cache_hits",
         (unsigned long long)atomic_load(&st_frame_cache_hits), "frame_cache_misses",
-        (unsigned long long)atomic_load(&st_frame_cache_misses), "roots", g_n_roots, "started",
+        (unsigned long long)atomic_load(&st_frame_cache_misses), "handler_ns",
+        (unsigned long long)atomic_load(&st_handler_ns), "roots", g_n_roots, "started",
         g_started, "signal", g_signo);
 }
 
