@@ -131,7 +131,9 @@ def stats() -> dict[str, int]:
     walk_fallbacks (3.11/3.12: the newest C-level frame was not initialised yet, the sample
     was taken from its caller's frame), walk_rejected (an inconsistent frame chain; sample
     dropped), frame_cache_hits and frame_cache_misses (frames whose function and line came
-    from the frame cache, or were computed), roots, started, signal."""
+    from the frame cache, or were computed), handler_ns (the time the signal handler spent
+    on samples, its timer's re-arming included, not the kernel's delivery), roots, started,
+    signal."""
 
 def active_timers() -> int:
     """The number of timers this module's threads have (armed or disarmed): what
