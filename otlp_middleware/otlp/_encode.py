@@ -245,19 +245,23 @@ class _Encoder:
     def _record_stack(self, stack: tuple[int, ...]) -> int:
         idx = self._stacks.get(stack)
         if idx is None:
-            locs = []
-            for frame_id in stack:
-                loc = self._frame_locations.get(frame_id)
-                if loc is None:
-                    info = FRAMES.info(frame_id)
-                    fn = self.d.function(info.name, info.filename, info.start_line)
-                    loc = self.d.location(
-                        ((fn, info.line),), attributes=(self._frame_type_attr(DEFAULT_FRAME_TYPE),)
-                    )
-                    self._frame_locations[frame_id] = loc
-                locs.append(loc)
-            idx = self._stacks[stack] = self.d.stack(tuple(locs))
+            try:  # every frame seen before (the common case): one pass in C
+                locs = tuple(map(self._frame_locations.__getitem__, stack))
+            except KeyError:
+                locs = tuple(self._frame_location(frame_id) for frame_id in stack)
+            idx = self._stacks[stack] = self.d.stack(locs)
         return idx
+
+    def _frame_location(self, frame_id: int) -> int:
+        loc = self._frame_locations.get(frame_id)
+        if loc is None:
+            info = FRAMES.info(frame_id)
+            fn = self.d.function(info.name, info.filename, info.start_line)
+            loc = self.d.location(
+                ((fn, info.line),), attributes=(self._frame_type_attr(DEFAULT_FRAME_TYPE),)
+            )
+            self._frame_locations[frame_id] = loc
+        return loc
 
     def _thread_attrs(self, thread_id: int, thread_name: str) -> tuple[int, ...]:
         key = (thread_id, thread_name)
