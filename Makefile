@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_cpu.py
 	$(BIN)/python bench/bench_middleware.py
 	$(BIN)/python bench/bench_background.py
+	$(BIN)/python bench/bench_split.py
 	$(BIN)/python bench/bench_tiers.py
 	$(BIN)/python bench/bench_memory.py
 
