@@ -520,6 +520,7 @@ class NativeTier:
             frame_ids = self._frame_ids
             max_native_depth = native.MAX_DEPTH
             code_roots = self._code_roots
+            thread_names = self._thread_names
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
@@ -537,8 +538,8 @@ class NativeTier:
                             code_scopes.append(c)
                 if not groups and not code_scopes:
                     continue
-                try:
-                    stack = tuple([frame_ids[f] for f in frames])
+                try:  # every frame seen before (the common case): one pass in C
+                    stack = tuple(map(frame_ids.__getitem__, frames))
                 except KeyError:
                     stack = self._intern_frames(frames)
                 if len(stack) >= max_native_depth:
@@ -547,7 +548,8 @@ class NativeTier:
                     tid, name = groups[0][0], groups[0][1]
                 else:
                     tid = code_scopes[0].thread_id
-                    name = self._thread_name(tid)
+                    cached = thread_names.get(tid)
+                    name = cached if cached is not None else self._thread_name(tid)
                 sample = CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts)
                 for s in code_scopes:  # matched by time above: an ended one takes it too
                     if len(stack) > s.max_depth:
