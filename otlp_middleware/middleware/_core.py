@@ -481,7 +481,7 @@ class RequestProfiler:
             self._empty += 1
             return
         try:
-            if scope.closed_ns is None:  # ended before it was handed on; never the case
+            if scope.closed_ns is None:  # the request path ends it before the hand-on
                 ENGINE.close(scope)
             attributes: dict[str, AttributeScalar] = {"http.request.method": method}
             if self._extra:
@@ -494,13 +494,13 @@ class RequestProfiler:
                 attributes,
                 status_code,
                 route_source,
-                scope.opened_ns,
-                scope.duration_ns,
-                tuple(samples),
-                scope.period_ns,
-                (),
-                0,
-                current_span_link(context.run(otel_context.get_current)),
+                start_ns=scope.opened_ns,
+                duration_ns=scope.duration_ns,
+                cpu_samples=tuple(samples),
+                cpu_period_ns=scope.period_ns,
+                heap_samples=(),
+                heap_period_bytes=0,
+                link=current_span_link(context.run(otel_context.get_current)),
             )
         except Exception:
             self._fault("closing a request's profile")
@@ -570,13 +570,13 @@ class RequestProfiler:
             handle.attributes,
             handle.status_code,
             handle.route_source,
-            handle._start_ns,
-            max(handle._end_ns - handle._start_ns, 0),
-            handle._cpu_samples,
-            handle._period_ns,
-            handle._heap_samples,
-            handle._heap_period,
-            handle.link,
+            start_ns=handle._start_ns,
+            duration_ns=max(handle._end_ns - handle._start_ns, 0),
+            cpu_samples=handle._cpu_samples,
+            cpu_period_ns=handle._period_ns,
+            heap_samples=handle._heap_samples,
+            heap_period_bytes=handle._heap_period,
+            link=handle.link,
         )
 
     def _emit_record(

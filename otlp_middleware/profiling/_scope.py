@@ -136,19 +136,9 @@ class CodeScope(ScopeCore, Scope):
     methods: dict[str, int] = {}
 
     def take(self, sample: CpuSample, method: str) -> None:
-        # Scope.take, with the store made on the first sample (the collector calls this for
-        # every sample of a request, so it is one function)
-        deadline = self.deadline_ns
-        if deadline is not None and sample.timestamp_ns > deadline:
-            return
-        own = self.__dict__
-        samples = own.get("samples")
-        if samples is None:
-            samples, methods = self.sample_store()
-        else:
-            methods = own["methods"]
-        samples.append(sample)
-        methods[method] = methods.get(method, 0) + 1
+        if "samples" not in self.__dict__:
+            self.sample_store()
+        super().take(sample, method)
 
     def sample_store(self) -> tuple[collections.deque[CpuSample], dict[str, int]]:
         if "samples" not in self.__dict__:
