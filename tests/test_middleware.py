@@ -348,6 +348,23 @@ def test_failing_exporter_never_reaches_the_app(caplog: pytest.LogCaptureFixture
     assert "disk on fire" in caplog.text
 
 
+def test_a_failing_exporter_is_logged_once_a_minute_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every batch failing (a full disk, say) gives one traceback, then a count, not a flood."""
+    processor = BatchProcessor(FailingExporter(), max_export_batch_size=1, schedule_delay=0.01)
+    record = ProfileRecord(profile_id=b"p" * 16, start_time_ns=1, duration_ns=1)
+    with caplog.at_level("WARNING", logger="otlp_middleware"):
+        for _ in range(5):
+            assert processor.emit(record)
+            assert processor.force_flush(5)
+    processor.shutdown(5)
+    failures = [r for r in caplog.records if "exporter 'FailingExporter' failed" in r.message]
+    assert len(failures) == 1 and "(1 so far)" in failures[0].message
+    assert failures[0].exc_info is not None and "disk on fire" in caplog.text
+    assert processor.stats().failed == 5
+
+
 def test_full_queue_drops_and_counts_without_blocking() -> None:
     exporter = BlockingExporter()
     processor = BatchProcessor(

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..profiling._bell import Bell
+from ..profiling._scope import RateLimitedLog
 from ..types import ProfileRecord
 from ._base import Exporter, ExportResult
 
@@ -91,6 +92,8 @@ class BatchProcessor:
         self._wake = Bell()
         self._flush_requests: list[threading.Event] = []
         self._lock = threading.Lock()  # thread start/stop and flush requests, never emit
+        # An exporter that raises (say a full disk) fails every batch: one traceback a minute.
+        self._export_errors = RateLimitedLog(logger)
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._emitted = 0
@@ -153,7 +156,9 @@ class BatchProcessor:
             result = self.exporter.export(batch)
         except Exception:
             self._failed += len(batch)
-            logger.exception("otlp_middleware: exporter %r failed", type(self.exporter).__name__)
+            self._export_errors.exception(
+                "otlp_middleware: exporter %r failed", type(self.exporter).__name__
+            )
             return
         if not isinstance(result, ExportResult):
             self._exported += len(batch)
