@@ -1973,18 +1973,14 @@ static inline int is_core(PyObject *scope)
     return PyObject_TypeCheck(scope, &ScopeCoreType);
 }
 
-static void core_defaults(ScopeCore *c)
-{
-    c->mark = -1;
-    c->closed_ns = c->deadline_ns = NO_NS;
-    c->root_key = PyLong_FromLong(0); /* a cached small int: cannot fail */
-}
-
+/* A scope with Scope's defaults (open_scope sets every field itself). */
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     ScopeCore *c = (ScopeCore *)type->tp_alloc(type, 0);
     if (c != NULL) {
-        core_defaults(c);
+        c->mark = -1;
+        c->closed_ns = c->deadline_ns = NO_NS;
+        c->root_key = PyLong_FromLong(0); /* a cached small int: cannot fail */
     }
     return (PyObject *)c;
 }
@@ -2403,23 +2399,27 @@ static PyObject *watcher_vectorcall(PyObject *self, PyObject *const *args, size_
     return PyObject_Vectorcall(w->send, args, nargsf, kwnames);
 }
 
+/* A new SendWatcher of send and scope (both strong references taken). */
+static PyObject *make_watcher(PyObject *send, PyObject *scope)
+{
+    SendWatcher *w = (SendWatcher *)SendWatcherType.tp_alloc(&SendWatcherType, 0);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->send = Py_NewRef(send);
+    w->scope = Py_NewRef(scope);
+    w->status = NULL;
+    w->vectorcall = watcher_vectorcall;
+    return (PyObject *)w;
+}
+
 static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     PyObject *send, *scope;
     if (!PyArg_ParseTuple(args, "OO:SendWatcher", &send, &scope)) {
         return NULL;
     }
-    SendWatcher *w = (SendWatcher *)type->tp_alloc(type, 0);
-    if (w == NULL) {
-        return NULL;
-    }
-    Py_INCREF(send);
-    Py_INCREF(scope);
-    w->send = send;
-    w->scope = scope;
-    w->status = NULL;
-    w->vectorcall = watcher_vectorcall;
-    return (PyObject *)w;
+    return make_watcher(send, scope);
 }
 
 /* watch_send(send, scope): SendWatcher(send, scope) without parsing a tuple of arguments
@@ -2430,15 +2430,7 @@ static PyObject *py_watch_send(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "watch_send(send, scope) takes 2 arguments");
         return NULL;
     }
-    SendWatcher *w = (SendWatcher *)SendWatcherType.tp_alloc(&SendWatcherType, 0);
-    if (w == NULL) {
-        return NULL;
-    }
-    w->send = Py_NewRef(args[0]);
-    w->scope = Py_NewRef(args[1]);
-    w->status = NULL;
-    w->vectorcall = watcher_vectorcall;
-    return (PyObject *)w;
+    return make_watcher(args[0], args[1]);
 }
 
 static int watcher_traverse(SendWatcher *w, visitproc visit, void *arg)
