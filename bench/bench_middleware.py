@@ -8,7 +8,8 @@ what the middleware costs per request under real load, background threads includ
 measures the microseconds the middleware adds per request in process (a hot loop, which
 underestimates the cost in a server whose own work keeps the caches cold).
 
-    python bench/bench_middleware.py [--rounds 7] [--duration 3] [--variants bare,never,always]
+    python bench/bench_middleware.py [--rounds 7] [--duration 3] [--warmup 3]
+        [--variants bare,never,always]
 
 Each round starts fresh servers (see ``main``); ``bare-again``, a second bare app, shows how
 far two identical variants' ratio strays from 1 on this machine.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -116,9 +118,9 @@ def main_thread_cpu_seconds(pid: int) -> float:
         return int(f.read().split()[0]) / 1e9
 
 
-def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
-    """(requests per second, requests completed)."""
-    out = subprocess.run(
+def wrk_start(port: int, duration: float, connections: int) -> subprocess.Popen[str]:
+    """A ``wrk`` run in the background (on the load generator's CPU); ``wrk_result`` reads it."""
+    return subprocess.Popen(
         [
             *WRK_PIN,
             "wrk",
@@ -127,15 +129,26 @@ def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
             f"-d{max(1, round(duration))}s",
             f"http://127.0.0.1:{port}/",
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
-    ).stdout
+    )
+
+
+def wrk_result(proc: subprocess.Popen[str]) -> tuple[float, int]:
+    """(requests per second, requests completed) of a ``wrk_start`` run, once it ends."""
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"wrk failed ({proc.returncode}):\n{out}")
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     n = re.search(r"(\d+) requests in", out)
     if not m or not n:
         raise SystemExit(f"cannot parse wrk output:\n{out}")
     return float(m.group(1)), int(n.group(1))
+
+
+def wrk(port: int, duration: float, connections: int) -> tuple[float, int]:
+    """(requests per second, requests completed)."""
+    return wrk_result(wrk_start(port, duration, connections))
 
 
 def measure(
@@ -256,6 +269,10 @@ def same_process_rounds(
     drops out. The ratio is on / off within each pair of rounds. The main thread serves the
     requests (the request path, the signal handler); the rest of the difference is the
     background threads (collector, export).
+
+    Read it as a lower bound: what profiling leaves in the process (a grown heap, work the
+    background threads finish late) is there in the off rounds too, so the difference can
+    come out smaller than against a bare app; the fresh servers' ratios are the measure.
     """
     ratios: list[float] = []
     cpu_diffs: list[float] = []
@@ -284,6 +301,41 @@ def same_process_rounds(
     return ratios, cpu_diffs, main_diffs
 
 
+def side_by_side_rounds(
+    mode: str,
+    base_mode: str,
+    rounds: int,
+    duration: float,
+    warmup: float,
+    connections: int,
+    extra: dict[str, str],
+) -> list[float]:
+    """Ratios of ``mode``'s throughput to ``base_mode``'s, the two served at the same time.
+
+    Each round starts a fresh server of each, on the one server CPU, and loads both at once,
+    each by its own ``wrk``: they split that CPU about evenly (the scheduler's fair share), so
+    the ratio of their rates is the inverse ratio of their CPU per request, and the machine's
+    noise (another tenant, a slow spell of the VM), which makes consecutive rounds differ by
+    several percent, hits both alike and drops out. A bare app against a bare app shows how
+    far that holds. Fresh servers every round average out where each process's code and data
+    happened to land.
+    """
+    ratios: list[float] = []
+    for _ in range(rounds):
+        base = start_server(base_mode, extra)
+        other = start_server(mode, extra)
+        try:
+            runs = [wrk_start(port, warmup, connections) for _, port in (base, other)]
+            for run in runs:
+                wrk_result(run)
+            runs = [wrk_start(port, duration, connections) for _, port in (base, other)]
+            (base_rate, _), (rate, _) = (wrk_result(run) for run in runs)
+            ratios.append(rate / base_rate)
+        finally:
+            stop_servers([base, other])
+    return ratios
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -291,10 +343,37 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
+def median_ci(
+    values: list[float], level: float = 0.95, resamples: int = 4000
+) -> tuple[float, float]:
+    """A bootstrap confidence interval of the median of ``values`` (percentile method).
+
+    The rounds' ratios scatter by a percent or two on a shared machine, so a median alone
+    cannot say whether 0.99 is met: the interval says how far the median itself may be off.
+    Seeded, so one set of rounds always gives one interval.
+    """
+    if len(values) < 2:
+        return values[0], values[0]
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
+def summary(values: list[float]) -> str:
+    """``median [95% CI of the median; quartiles]`` of the rounds' ratios."""
+    lo, hi = median_ci(values)
+    q1, median, q3 = quartiles(values)
+    return f"{median:.4f} [95% CI {lo:.4f}-{hi:.4f}; quartiles {q1:.4f}-{q3:.4f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, metavar="SECONDS", help="per fresh server")
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument(
         "--same-process",
@@ -303,7 +382,15 @@ def main() -> None:
         metavar="N",
         help="then N servers each measured against itself, profiling on vs off (0: skip)",
     )
+    ap.add_argument(
+        "--side-by-side",
+        type=int,
+        default=8,
+        metavar="N",
+        help="then N rounds per variant served at the same time as the baseline (0: skip)",
+    )
     ap.add_argument("--same-process-rounds", type=int, default=6)
+    ap.add_argument("--same-process-duration", type=int, default=2, metavar="SECONDS")
     ap.add_argument(
         "--variants",
         default="bare,bare-again=bare,never,always,otlp",
@@ -335,7 +422,9 @@ def main() -> None:
             servers = {v: start_server(modes[v], extra) for v in variants}
             try:
                 for _, port in servers.values():
-                    wrk(port, 1.0, args.connections)  # warm up
+                    # Warm up past a server's first seconds (imports, first profiles, the
+                    # heap growing to its working size), which a long-running one is past.
+                    wrk(port, args.warmup, args.connections)
                 order = variants if r % 2 == 0 else list(reversed(variants))
                 for v in order:
                     proc, port = servers[v]
@@ -344,44 +433,64 @@ def main() -> None:
                     cpu_per_request[v].append(cpu_us)
             finally:
                 stop_servers(servers.values())
+        print(
+            f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} "
+            f"-d{args.duration}s; {args.rounds} alternating rounds, fresh servers each round, "
+            f"warmed {args.warmup} s"
+        )
+        print(
+            f"(ratio = median over rounds of variant / {base} in the same round, "
+            "[95% confidence interval of that median; quartiles of the rounds])"
+        )
+        print("(CPU = the server process's CPU per request, all threads, median over rounds)")
+        base_cpu = statistics.median(cpu_per_request[base])
+        for v in variants:
+            ratios = [a / b for a, b in zip(results[v], results[base], strict=True)]
+            median = statistics.median(results[v])
+            cpu = statistics.median(cpu_per_request[v])
+            print(
+                f"  {v:>11}: {median:8.1f} req/s   ratio {summary(ratios)}   "
+                f"CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
+            )
+        files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
+        if "always" in modes.values():
+            print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
+        if "otlp" in modes.values():
+            print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
+        if args.same_process:
+            ratios, cpu_diffs, main_diffs = same_process_rounds(
+                args.same_process,
+                args.same_process_rounds,
+                args.same_process_duration,
+                args.connections,
+                {"BENCH_DIR": tempfile.mkdtemp(prefix="bench-profiles-switch-")},
+            )
+            print(
+                f"Same process, every request profiled vs none ({args.same_process} servers x "
+                f"{args.same_process_rounds} pairs of {args.same_process_duration} s rounds): "
+                f"ratio {summary(ratios)}, CPU {statistics.median(cpu_diffs):+.1f} us/request "
+                f"(main thread {statistics.median(main_diffs):+.1f})"
+            )
+        if args.side_by_side:
+            print(
+                f"Side by side: each variant and a fresh {base} served at the same time on one "
+                f"CPU, each loaded by its own wrk ({args.side_by_side} rounds of "
+                f"{args.duration} s, warmed {args.warmup} s; ratio to {base} "
+                "[95% CI of the median; quartiles])"
+            )
+            for v in variants[1:]:
+                ratios = side_by_side_rounds(
+                    modes[v],
+                    modes[base],
+                    args.side_by_side,
+                    args.duration,
+                    args.warmup,
+                    args.connections,
+                    extra,
+                )
+                print(f"  {v:>11}: {summary(ratios)}")
     finally:
         receiver.stop()
-    print(
-        f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} -d{args.duration}s; "
-        f"{args.rounds} alternating rounds, fresh servers each round"
-    )
-    print(f"(ratio = median over rounds of variant / {base} in the same round, [quartiles])")
-    print("(CPU = the server process's CPU per request, all threads, median over rounds)")
-    base_cpu = statistics.median(cpu_per_request[base])
-    for v in variants:
-        ratios = [a / b for a, b in zip(results[v], results[base], strict=True)]
-        q1, _, q3 = quartiles(ratios)
-        median = statistics.median(results[v])
-        cpu = statistics.median(cpu_per_request[v])
-        print(
-            f"  {v:>11}: {median:8.1f} req/s   ratio {statistics.median(ratios):.4f} "
-            f"[{q1:.4f}-{q3:.4f}]   CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
-        )
-    files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
-    if "always" in modes.values():
-        print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
-    if "otlp" in modes.values():
-        print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
-    if args.same_process:
-        ratios, cpu_diffs, main_diffs = same_process_rounds(
-            args.same_process,
-            args.same_process_rounds,
-            args.duration,
-            args.connections,
-            {"BENCH_DIR": tempfile.mkdtemp(prefix="bench-profiles-switch-")},
-        )
-        q1, median_ratio, q3 = quartiles(ratios)
-        print(
-            f"Same process, every request profiled vs none ({args.same_process} servers x "
-            f"{args.same_process_rounds} pairs of rounds): ratio {median_ratio:.4f} "
-            f"[{q1:.4f}-{q3:.4f}], CPU {statistics.median(cpu_diffs):+.1f} us/request "
-            f"(main thread {statistics.median(main_diffs):+.1f})"
-        )
     per_sample, per_batch = encoder_cost()
     print(
         f"OTLP encoder: {per_sample:.1f} us per sample, {per_batch:.1f} ms per batch of 512 "

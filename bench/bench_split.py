@@ -9,12 +9,11 @@ the samples taken, and the signal handler's time (``stats()["handler_ns"]``).
 
     python bench/bench_split.py [--turns 8] [--requests 1500]
 
-Read with care: the app's handler runs for 1 ms of *thread* CPU time, so a sample taken inside
-it (most are) shortens the handler's own work instead of adding to the request: the main
-thread's figures hold the request path and the samples taken elsewhere, not every sample's
-cost. In process, without sockets and with warmer caches, every figure is smaller than in a
-server (``bench_middleware.py``); this one is nearly free of the noise between processes that
-those ratios carry, so it tells which part moved when the code changes.
+The app's handler does a fixed amount of work, so every sample's cost (the signal's delivery
+and the handler, wherever it lands) adds to the main thread's figure. In process, without
+sockets and with warmer caches, every figure is smaller than in a server
+(``bench_middleware.py``); this one is nearly free of the noise between processes that those
+ratios carry, so it tells which part moved when the code changes.
 """
 
 from __future__ import annotations
