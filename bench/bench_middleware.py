@@ -12,7 +12,11 @@ underestimates the cost in a server whose own work keeps the caches cold).
         [--variants bare,never,always]
 
 Each round starts fresh servers (see ``main``); ``bare-again``, a second bare app, shows how
-far two identical variants' ratio strays from 1 on this machine.
+far two identical variants' ratio strays from 1 on this machine. Then ``--side-by-side N``
+serves each variant at the same time as a fresh bare app on the one server CPU (see
+``side_by_side_rounds``): the measure to judge by on a shared machine, where consecutive
+rounds of one and the same app differ by several percent. Every ratio comes with a bootstrap
+95% confidence interval of its median.
 """
 
 from __future__ import annotations
