@@ -437,30 +437,31 @@ def main() -> None:
                     cpu_per_request[v].append(cpu_us)
             finally:
                 stop_servers(servers.values())
-        print(
-            f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} "
-            f"-d{args.duration}s; {args.rounds} alternating rounds, fresh servers each round, "
-            f"warmed {args.warmup} s"
-        )
-        print(
-            f"(ratio = median over rounds of variant / {base} in the same round, "
-            "[95% confidence interval of that median; quartiles of the rounds])"
-        )
-        print("(CPU = the server process's CPU per request, all threads, median over rounds)")
-        base_cpu = statistics.median(cpu_per_request[base])
-        for v in variants:
-            ratios = [a / b for a, b in zip(results[v], results[base], strict=True)]
-            median = statistics.median(results[v])
-            cpu = statistics.median(cpu_per_request[v])
+        if args.rounds:  # 0: only the other measurements
             print(
-                f"  {v:>11}: {median:8.1f} req/s   ratio {summary(ratios)}   "
-                f"CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
+                f"uvicorn, 1 worker, ~1 ms CPU endpoint; wrk -t1 -c{args.connections} "
+                f"-d{args.duration}s; {args.rounds} alternating rounds, fresh servers each round, "
+                f"warmed {args.warmup} s"
             )
-        files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
-        if "always" in modes.values():
-            print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
-        if "otlp" in modes.values():
-            print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
+            print(
+                f"(ratio = median over rounds of variant / {base} in the same round, "
+                "[95% confidence interval of that median; quartiles of the rounds])"
+            )
+            print("(CPU = the server process's CPU per request, all threads, median over rounds)")
+            base_cpu = statistics.median(cpu_per_request[base])
+            for v in variants:
+                ratios = [a / b for a, b in zip(results[v], results[base], strict=True)]
+                median = statistics.median(results[v])
+                cpu = statistics.median(cpu_per_request[v])
+                print(
+                    f"  {v:>11}: {median:8.1f} req/s   ratio {summary(ratios)}   "
+                    f"CPU {cpu:7.1f} us/request ({cpu - base_cpu:+.1f} us)"
+                )
+            files = [f for f in os.listdir(tmp) if f.endswith(".pb.gz")]
+            if "always" in modes.values():
+                print(f"  profiles written by 'always': {len(files)} aggregate file(s) in {tmp}")
+            if "otlp" in modes.values():
+                print(f"  OTLP batches received from 'otlp': {receiver.batches_received}")
         if args.same_process:
             ratios, cpu_diffs, main_diffs = same_process_rounds(
                 args.same_process,
