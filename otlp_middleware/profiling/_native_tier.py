@@ -520,7 +520,6 @@ class NativeTier:
             frame_ids = self._frame_ids
             max_native_depth = native.MAX_DEPTH
             code_roots = self._code_roots
-            thread_names = self._thread_names
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
@@ -548,8 +547,7 @@ class NativeTier:
                     tid, name = groups[0][0], groups[0][1]
                 else:
                     tid = code_scopes[0].thread_id
-                    cached = thread_names.get(tid)
-                    name = cached if cached is not None else self._thread_name(tid)
+                    name = self._thread_name(tid)  # cached: a dict lookup
                 sample = CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts)
                 for s in code_scopes:  # matched by time above: an ended one takes it too
                     if len(stack) > s.max_depth:
