@@ -9,13 +9,17 @@ pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``s
 (default 99); BENCH_WORK the handler's work (default 700 chunks, about 1 ms). For diagnosis,
 BENCH_HANDON=0 drops the requests that may have samples instead of handing them on (no
 record, no export): with BENCH_HZ, ``switch`` then separates the request path, the sampling,
-and the hand-on with what follows it.
+and the hand-on with what follows it. BENCH_SPLIT=FILE times the handler's work on its
+thread's CPU clock and, at each SIGUSR2, appends to FILE a JSON line of the CPU spent so far:
+in the handler, in the main thread, in the process (see ``split_snapshot``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from typing import Any
 
 from otlp_middleware.middleware import ProfilingMiddleware
@@ -38,6 +42,45 @@ def handler_work(chunks: int = WORK) -> int:
         for i in range(50):
             x += i
     return x
+
+
+SPLIT_FILE = os.environ.get("BENCH_SPLIT")
+# [requests, handler CPU ns] while BENCH_SPLIT is set
+_split = [0, 0]
+
+
+def split_snapshot(signum: int = 0, frame: Any = None) -> None:
+    """Append the CPU split so far to BENCH_SPLIT's file (a SIGUSR2 handler: main thread).
+
+    Two snapshots around a measured window give, per request: the handler's own work, the
+    rest of the main thread (the server, the middleware, samples landing outside the
+    handler), and the other threads (the profiler's collector and exporter). Each of these
+    is a CPU clock of this process, so the share of the CPU the process got does not enter.
+    """
+    assert SPLIT_FILE is not None
+    line = {
+        "requests": _split[0],
+        "handler_s": _split[1] / 1e9,
+        "main_s": time.thread_time(),
+        "process_s": time.process_time(),
+    }
+    with open(SPLIT_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+if SPLIT_FILE is not None:
+    # bare_app calls handler_work by its global name: the timed variant replaces it.
+    _work = handler_work
+    _thread_ns = time.thread_time_ns
+
+    def handler_work(chunks: int = WORK) -> int:
+        start = _thread_ns()
+        x = _work(chunks)
+        _split[1] += _thread_ns() - start
+        _split[0] += 1
+        return x
+
+    signal.signal(signal.SIGUSR2, split_snapshot)
 
 
 async def bare_app(scope: Any, receive: Any, send: Any) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -305,6 +306,23 @@ def same_process_rounds(
     return ratios, cpu_diffs, main_diffs
 
 
+SPLIT_PARTS = ("handler", "rest of main thread", "other threads")
+
+
+def read_split(path: str) -> tuple[float, float, float]:
+    """Per request between the last two ``BENCH_SPLIT`` snapshots of a server, in us: its
+    handler's work, the rest of its main thread, its other threads (see ``bench/app.py``)."""
+    with open(path) as f:
+        before, after = (json.loads(line) for line in f.read().splitlines()[-2:])
+    n = after["requests"] - before["requests"]
+    if n <= 0:
+        raise SystemExit(f"no request between the snapshots in {path}")
+    handler = after["handler_s"] - before["handler_s"]
+    main = after["main_s"] - before["main_s"]
+    process = after["process_s"] - before["process_s"]
+    return handler / n * 1e6, (main - handler) / n * 1e6, (process - main) / n * 1e6
+
+
 def side_by_side_rounds(
     mode: str,
     base_mode: str,
@@ -313,8 +331,10 @@ def side_by_side_rounds(
     warmup: float,
     connections: int,
     extra: dict[str, str],
-) -> list[float]:
-    """Ratios of ``mode``'s throughput to ``base_mode``'s, the two served at the same time.
+    split: bool = False,
+) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Ratios of ``mode``'s throughput to ``base_mode``'s, the two served at the same time,
+    and with ``split`` the differences of their CPU per request, part by part.
 
     Each round starts a fresh server of each, on the one server CPU, and loads both at once,
     each by its own ``wrk``: they split that CPU about evenly (the scheduler's fair share), so
@@ -323,21 +343,47 @@ def side_by_side_rounds(
     several percent, hits both alike and drops out. A bare app against a bare app shows how
     far that holds. Fresh servers every round average out where each process's code and data
     happened to land.
+
+    ``split`` has each server time its handler's work (``BENCH_SPLIT``) and snapshot its CPU
+    clocks at the start and near the end of the measured window: the differences per request
+    (``SPLIT_PARTS``: ``mode`` minus ``base_mode``) then say where the cost goes. The part
+    outside the handler is the finer measure: the handler's own fixed work runs a percent or
+    two faster or slower from one process to the next (where its objects landed), the rest
+    of the main thread much less so.
     """
     ratios: list[float] = []
+    splits: list[tuple[float, float, float]] = []
     for _ in range(rounds):
-        base = start_server(base_mode, extra)
-        other = start_server(mode, extra)
+        files = {}
+        if split:
+            for side in ("base", "other"):
+                fd, files[side] = tempfile.mkstemp(prefix=f"bench-split-{side}-")
+                os.close(fd)
+        base = start_server(base_mode, {**extra, "BENCH_SPLIT": files["base"]} if split else extra)
+        other = start_server(mode, {**extra, "BENCH_SPLIT": files["other"]} if split else extra)
         try:
             runs = [wrk_start(port, warmup, connections) for _, port in (base, other)]
             for run in runs:
                 wrk_result(run)
             runs = [wrk_start(port, duration, connections) for _, port in (base, other)]
+            if split:
+                # The window: from shortly after both wrk runs start to shortly before they end.
+                time.sleep(0.3)
+                for proc, _ in (base, other):
+                    proc.send_signal(signal.SIGUSR2)
+                time.sleep(max(0.5, round(duration) - 0.8))
+                for proc, _ in (base, other):
+                    proc.send_signal(signal.SIGUSR2)
             (base_rate, _), (rate, _) = (wrk_result(run) for run in runs)
             ratios.append(rate / base_rate)
         finally:
             stop_servers([base, other])
-    return ratios
+        if split:
+            o, b = read_split(files["other"]), read_split(files["base"])
+            splits.append((o[0] - b[0], o[1] - b[1], o[2] - b[2]))
+            for path in files.values():
+                os.unlink(path)
+    return ratios, splits
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -392,6 +438,12 @@ def main() -> None:
         default=8,
         metavar="N",
         help="then N rounds per variant served at the same time as the baseline (0: skip)",
+    )
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="side by side, also each variant's CPU per request minus its baseline's, split "
+        "into the handler, the rest of the main thread and the other threads",
     )
     ap.add_argument("--same-process-rounds", type=int, default=6)
     ap.add_argument("--same-process-duration", type=int, default=2, metavar="SECONDS")
@@ -484,7 +536,7 @@ def main() -> None:
                 "[95% CI of the median; quartiles])"
             )
             for v in variants[1:]:
-                ratios = side_by_side_rounds(
+                ratios, splits = side_by_side_rounds(
                     modes[v],
                     modes[base],
                     args.side_by_side,
@@ -492,8 +544,16 @@ def main() -> None:
                     args.warmup,
                     args.connections,
                     extra,
+                    split=args.split,
                 )
                 print(f"  {v:>11}: {summary(ratios)}")
+                for i, name in enumerate(SPLIT_PARTS if splits else ()):
+                    diffs = [parts[i] for parts in splits]
+                    lo, hi = median_ci(diffs)
+                    print(
+                        f"  {'':>11}  CPU per request, {name}: "
+                        f"{statistics.median(diffs):+.1f} us [95% CI {lo:+.1f} to {hi:+.1f}]"
+                    )
     finally:
         receiver.stop()
     per_sample, per_batch = encoder_cost()
