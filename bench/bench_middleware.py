@@ -354,7 +354,7 @@ def side_by_side_rounds(
     ratios: list[float] = []
     splits: list[tuple[float, float, float]] = []
     for _ in range(rounds):
-        files = {}
+        files: dict[str, str] = {}  # "base", "other" -> its BENCH_SPLIT file
         if split:
             for side in ("base", "other"):
                 fd, files[side] = tempfile.mkstemp(prefix=f"bench-split-{side}-")
