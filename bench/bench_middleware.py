@@ -307,11 +307,24 @@ def same_process_rounds(
 
 
 SPLIT_PARTS = ("handler", "rest of main thread", "other threads")
+# Minor page faults per request above which a server's figures are suspect (see read_split).
+FAULTS_SUSPECT = 0.2
 
 
-def read_split(path: str) -> tuple[float, float, float]:
-    """Per request between the last two ``BENCH_SPLIT`` snapshots of a server, in us: its
-    handler's work, the rest of its main thread, its other threads (see ``bench/app.py``)."""
+def read_split(path: str) -> tuple[float, float, float, float]:
+    """Per request between the last two ``BENCH_SPLIT`` snapshots of a server: its handler's
+    work, the rest of its main thread and its other threads (us, see ``bench/app.py``), and
+    its minor page faults.
+
+    A warm server takes almost no page faults. One that takes one or more per request has
+    most likely fallen into a glibc allocator cycle that is not the profiler's own work: when
+    glibc serves asyncio's 256 KiB receive buffer by a fresh mapping (the heap has no free
+    block that large, and glibc's mmap threshold is below that size: it rises only when a
+    larger mapped block is freed whole), every read maps a buffer, shrinks it to the bytes
+    received and unmaps it later, costing tens of microseconds per request. Whether a
+    process falls into it depends on where its earlier allocations landed;
+    ``strace -e trace=mmap,mremap,munmap`` shows it.
+    """
     with open(path) as f:
         before, after = (json.loads(line) for line in f.read().splitlines()[-2:])
     n = after["requests"] - before["requests"]
@@ -320,7 +333,8 @@ def read_split(path: str) -> tuple[float, float, float]:
     handler = after["handler_s"] - before["handler_s"]
     main = after["main_s"] - before["main_s"]
     process = after["process_s"] - before["process_s"]
-    return handler / n * 1e6, (main - handler) / n * 1e6, (process - main) / n * 1e6
+    faults = after["minor_faults"] - before["minor_faults"]
+    return handler / n * 1e6, (main - handler) / n * 1e6, (process - main) / n * 1e6, faults / n
 
 
 def side_by_side_rounds(
@@ -349,7 +363,8 @@ def side_by_side_rounds(
     (``SPLIT_PARTS``: ``mode`` minus ``base_mode``) then say where the cost goes. The part
     outside the handler is the finer measure: the handler's own fixed work runs a percent or
     two faster or slower from one process to the next (where its objects landed), the rest
-    of the main thread much less so.
+    of the main thread much less so. A round in which either server took ``FAULTS_SUSPECT``
+    page faults per request or more is reported on stderr (see ``read_split``).
     """
     ratios: list[float] = []
     splits: list[tuple[float, float, float]] = []
@@ -381,6 +396,13 @@ def side_by_side_rounds(
         if split:
             o, b = read_split(files["other"]), read_split(files["base"])
             splits.append((o[0] - b[0], o[1] - b[1], o[2] - b[2]))
+            for name, parts in ((mode, o), (base_mode, b)):
+                if parts[3] >= FAULTS_SUSPECT:
+                    print(
+                        f"  caution: the {name} server of this round took {parts[3]:.2f} page "
+                        "faults per request (a glibc allocator cycle? see read_split)",
+                        file=sys.stderr,
+                    )
             for path in files.values():
                 os.unlink(path)
     return ratios, splits
