@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -59,14 +60,12 @@ def split_snapshot(signum: int = 0, frame: Any = None) -> None:
     The process's minor page faults come along: see ``bench_middleware.read_split``.
     """
     assert SPLIT_FILE is not None
-    with open("/proc/self/stat") as f:
-        minor_faults = int(f.read().rsplit(")", 1)[1].split()[7])
     line = {
         "requests": _split[0],
         "handler_s": _split[1] / 1e9,
         "main_s": time.thread_time(),
         "process_s": time.process_time(),
-        "minor_faults": minor_faults,
+        "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     }
     with open(SPLIT_FILE, "a") as f:
         f.write(json.dumps(line) + "\n")
