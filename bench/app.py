@@ -167,10 +167,10 @@ elif MODE == "switch":
     if os.environ.get("BENCH_HANDON", "1") == "0":
         from otlp_middleware.profiling._engine import ENGINE
 
-        def _drop(scope: Any, *unused: Any) -> None:
-            ENGINE.drop_code_scope(scope)
+        def _drop(watcher: Any, finish: Any) -> None:
+            pass  # the request watcher has ended: forget it, with its samples
 
-        app.profiler.defer_root = _drop
+        ENGINE.release_request = _drop  # type: ignore[method-assign]
 elif MODE == "pyinstrument":
     # A peer for comparison: pyinstrument's Profiler around every request (its documented
     # ASGI recipe), at our 99 Hz interval, the session dropped (no rendering, no export).

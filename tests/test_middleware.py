@@ -80,12 +80,13 @@ async def cpu_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def scopes_handed_on(mw: ProfilingMiddleware, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The scopes the lean ASGI path hands on to the collector (``defer_root``), as it does."""
+def watchers_handed_on(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The request watchers the lean ASGI path hands on to the collector
+    (``ENGINE.release_request``: the requests that took samples), as it does."""
     handed_on: list[Any] = []
-    defer_root = mw.profiler.defer_root
+    release = ENGINE.release_request
     monkeypatch.setattr(
-        mw.profiler, "defer_root", lambda *args: (handed_on.append(args[0]), defer_root(*args))
+        ENGINE, "release_request", lambda *args: (handed_on.append(args[0]), release(*args))
     )
     return handed_on
 
@@ -146,7 +147,7 @@ def test_lean_path_record_has_span_status_route_and_error(
 
     exporter = KeepingExporter()
     mw = make(app, exporter)
-    handed_on = scopes_handed_on(mw, monkeypatch)
+    handed_on = watchers_handed_on(monkeypatch)
 
     async def main() -> Any:
         await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
@@ -158,7 +159,7 @@ def test_lean_path_record_has_span_status_route_and_error(
     ctx = asyncio.run(main())
     mw.profiler.shutdown(5)
     if ENGINE.native_available and ENGINE.method in ("auto", "native"):
-        assert [s.code_root for s in handed_on] == [True]
+        assert [w.samples > 0 for w in handed_on] == [True]  # /items/7 only
     record = exporter.records[-1]
     assert record.link is not None
     assert record.link.trace_id == ctx.trace_id.to_bytes(16, "big")
@@ -193,7 +194,7 @@ def test_lean_asgi_path_attributes_offloaded_work_by_its_root_frame(
 
     exporter = KeepingExporter()
     mw = make(app, exporter)
-    handed_on = scopes_handed_on(mw, monkeypatch)
+    handed_on = watchers_handed_on(monkeypatch)
 
     async def main() -> None:
         await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
@@ -202,7 +203,7 @@ def test_lean_asgi_path_attributes_offloaded_work_by_its_root_frame(
     asyncio.run(main())
     mw.profiler.shutdown(5)
     if ENGINE.native_available and ENGINE.method in ("auto", "native"):
-        assert [s.code_root for s in handed_on] == [True]
+        assert len(handed_on) == 1 and handed_on[0].scope.code_root  # made for its threads
         assert seen[-1] is None, "the lean path sets no contextvar"
     assert ENGINE._code_roots == {}
     record = exporter.records[-1]
@@ -426,7 +427,7 @@ def test_faults_inside_profiling_do_not_break_requests(
     not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
     reason="the lean path runs on the native tier",
 )
-@pytest.mark.parametrize("where", ["open_code_scope", "finish_code_scope", "release_code_scope"])
+@pytest.mark.parametrize("where", ["watch_request", "finish_request", "release_request"])
 def test_faults_on_the_lean_request_path_do_not_break_requests(
     where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,13 +444,13 @@ def test_faults_on_the_lean_request_path_do_not_break_requests(
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("engine bug")
 
-        if where == "release_code_scope":  # reached only by a request that may have samples
-            monkeypatch.setattr(ENGINE, "finish_code_scope", lambda scope: False)
+        if where == "release_request":  # reached only by a request that took samples
+            monkeypatch.setattr(ENGINE, "finish_request", lambda watcher: False)
         monkeypatch.setattr(ENGINE, where, broken)
         sent = asyncio.run(asgi_get(mw, "/x"))
         assert sent[0]["status"] == 200 and sent[-1]["body"] == b"ok"
-        # open_code_scope fails twice: the lean path, then the general one trying it first
-        assert mw.profiler.stats().faults == (2 if where == "open_code_scope" else 1)
+        assert mw.profiler.stats().faults == 1
+        assert ENGINE.open_watchers() == 0  # ended, even when finish_request failed
     finally:
         monkeypatch.undo()
         ENGINE._code_roots.clear()  # what the broken calls left registered
@@ -635,8 +636,9 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     """Samples taken in a request's window that are another request's make it no profile.
 
     On one loop, ``/wait`` awaits while ``/busy`` burns CPU: samples are taken during both
-    windows, so both are handed on to the collector (neither is quiet), but only ``/busy``
-    owns samples; nothing is exported for ``/wait``, which is counted empty.
+    windows, but only ``/busy`` owns samples; nothing is exported for ``/wait``, which is
+    counted empty. On the lean path the handler counts each request's own samples, so only
+    ``/busy`` is even handed on to the collector.
     """
     import types
 
@@ -653,13 +655,13 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
 
     mw = make(app, exporter)
     handed_on: list[str | None] = []
-    defer_root = mw.profiler.defer_root
+    release = ENGINE.release_request
 
-    def deferring(*args: Any) -> None:
-        handed_on.append(args[4]())  # the route
-        defer_root(*args)
+    def releasing(watcher: Any, finish: Any) -> None:
+        handed_on.append(finish.args[1]["path"])  # finish: _finish_lean with the ASGI scope
+        release(watcher, finish)
 
-    monkeypatch.setattr(mw.profiler, "defer_root", deferring)
+    monkeypatch.setattr(ENGINE, "release_request", releasing)
 
     async def main() -> None:
         await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
@@ -672,4 +674,4 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     stats = mw.profiler.stats()
     assert stats.empty == stats.sampled - len(exporter.records) >= 1
     if handed_on:  # the lean path (taken when the sampler already runs at this rate)
-        assert {"/wait", "/busy"} <= set(handed_on)  # neither was quiet
+        assert handed_on == ["/busy"]  # /wait took no sample: quiet, though others were taken

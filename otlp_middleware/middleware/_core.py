@@ -37,7 +37,7 @@ from ..profiling import _offload
 from ..profiling._engine import ENGINE
 from ..profiling._scope import RateLimitedLog, Scope
 from ..profiling.cpu import CpuProfilerConfig, open_cpu_scope
-from ..profiling.sampling import RequestInfo, SamplingStrategy, decide
+from ..profiling.sampling import AlwaysSample, RequestInfo, SamplingStrategy, decide
 from ..types import AttributeScalar, ProfileRecord, SpanLink, new_profile_id
 
 logger = logging.getLogger(__name__)
@@ -272,17 +272,18 @@ class RequestProfiler:
         enabled: bool = True,
         extra_attributes: Mapping[str, AttributeScalar] | None = None,
     ) -> None:
-        self.sampler = sampler
+        self._sampler = sampler
         self.processor = processor
         self._cpu = cpu
         self._memory = memory
-        self.lean_root: tuple[int, int, int | None] | None = None
-        self._update_lean_root()
-        self.enabled = enabled
+        self._enabled = enabled
         self.exclude_paths = tuple(exclude_paths)
         self._exclude_exact, self._exclude_prefixes, self._exclude_match = split_globs(
             self.exclude_paths
         )
+        self.lean_root: tuple[int, int, int | None] | None = None
+        self.always_lean: tuple[int, int, int | None] | None = None
+        self._update_lean_root()
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
@@ -298,6 +299,26 @@ class RequestProfiler:
         # the engine's hook moves after every processor made so far.
         atexit.unregister(ENGINE.flush_code_scopes)
         atexit.register(ENGINE.flush_code_scopes)
+
+    @property
+    def sampler(self) -> SamplingStrategy:
+        """The strategy asked once per request."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: SamplingStrategy) -> None:
+        self._sampler = value
+        self._update_lean_root()
+
+    @property
+    def enabled(self) -> bool:
+        """``False`` turns the whole middleware into a pass-through."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        self._update_lean_root()
 
     @property
     def cpu(self) -> CpuProfilerConfig | None:
@@ -329,6 +350,11 @@ class RequestProfiler:
             self.lean_root = None
         else:
             self.lean_root = _root_scope_args(cpu)[1:]
+        # ``always_lean``: ``lean_root`` when every request not excluded is profiled (the
+        # built-in ``AlwaysSample``, enabled): the ASGI adapter then checks the excluded paths
+        # and counts inline instead of calling ``should_profile``. Else None.
+        everything = type(self._sampler) is AlwaysSample and self._enabled
+        self.always_lean = self.lean_root if everything else None
 
     # ------------------------------------------------------------------ decision
     def should_profile(

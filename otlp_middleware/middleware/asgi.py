@@ -19,6 +19,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from contextvars import Context, copy_context
 from functools import partial
 from typing import Any
 
@@ -73,20 +74,21 @@ class ProfilingMiddleware:
         self.app = app
         self.profiler = profiler if profiler is not None else build_request_profiler(**options)
         if self.profiler.cpu is not None:
-            ENGINE.register_root_code(ProfilingMiddleware.__call__.__code__)
+            ENGINE.register_root_code(ProfilingMiddleware.__call__.__code__, watcher="watcher")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every request: decide; a sampled one at its leanest (it runs for each of them).
 
-        This coroutine's frame is the request's root. The engine knows its code (registered
-        in ``__init__``), so on the native tier, from the second request on, the request's
-        CPU scope opens in one C call (``Engine.open_code_scope``), ``send`` is watched in C
-        (``Engine.watch_send``: the status, and the scope's end at the last body chunk), the
-        scope ends in one C call (``Engine.finish_code_scope``), and only a request during
-        which a sample was taken is handed on, to have its record built on the engine's
-        collector thread. Cold caches make every Python call here cost microseconds under
-        load, so these calls are inline. Elsewhere ``_call_with_handle`` does the work
-        through a ``RequestHandle``.
+        This coroutine's frame is the request's root. The engine knows its code and the local
+        that holds the request's watcher (registered in ``__init__``), so on the native
+        tier, from the second request on, one C call (``Engine.watch_request``) makes the
+        watcher, which is at once ``send`` (it notes the status, and ends the request at the
+        last body chunk) and the request's CPU scope, registered nowhere; one C call
+        (``Engine.finish_request``) ends it; and only a request that took a sample gets a
+        scope object, handed on to have its record built on the engine's collector thread.
+        Cold caches make every Python call and object here cost microseconds under load,
+        so these calls are inline. Elsewhere ``_call_with_handle`` does the work through a
+        ``RequestHandle``.
         """
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
@@ -94,36 +96,54 @@ class ProfilingMiddleware:
             await self.app(scope, receive, send)
             return
         profiler = self.profiler
-        method = scope.get("method", "GET")
-        headers = partial(_headers, scope) if profiler.sampler.needs_request else None
-        sampled = profiler.should_profile(method, scope.get("path", ""), headers=headers)
-        if ROUTE_DECORATORS["in_use"]:
-            await self._call_with_slot(scope, receive, send, method, sampled)
-            return
-        if not sampled:
-            await self.app(scope, receive, send)
-            return
-        # A request that needs only on-CPU samples (``lean_root``) opens its scope in one call
-        # into the extension; None (then the general path) where that does not apply, as
-        # for a server's first profiled request (the sampler does not run yet).
-        lean = profiler.lean_root
-        cpu = None
+        lean = profiler.always_lean
+        if lean is not None and not ROUTE_DECORATORS["in_use"]:
+            # Every request not excluded is profiled (``AlwaysSample``): nothing to decide but
+            # the excluded paths, then to count, inline as ``should_profile`` and
+            # ``AlwaysSample.should_sample`` would.
+            profiler._requests += 1
+            path = scope.get("path", "")
+            match = profiler._exclude_match
+            if (
+                path in profiler._exclude_exact
+                or path.startswith(profiler._exclude_prefixes)
+                or (match is not None and match(path) is not None)
+            ):
+                await self.app(scope, receive, send)
+                return
+            counter = profiler._sampler._counter  # type: ignore[attr-defined]
+            next(counter._decisions)
+            next(counter._sampled)
+        else:
+            method = scope.get("method", "GET")
+            headers = partial(_headers, scope) if profiler.sampler.needs_request else None
+            sampled = profiler.should_profile(method, scope.get("path", ""), headers=headers)
+            if ROUTE_DECORATORS["in_use"]:
+                await self._call_with_slot(scope, receive, send, method, sampled)
+                return
+            if not sampled:
+                await self.app(scope, receive, send)
+                return
+            # A request that needs only on-CPU samples (``lean_root``) takes the lean path.
+            lean = profiler.lean_root
+        # The lean path: a watcher made in one call into the extension; None (then the general
+        # path) where that does not apply, as for a server's first profiled request (the
+        # sampler does not run yet).
+        watcher = None
         if lean is not None:
             try:
-                cpu = ENGINE.open_code_scope(sys._getframe(), lean[0], lean[1], lean[2])
+                watcher = ENGINE.watch_request(send, lean[0], lean[1], lean[2])
             except Exception:
                 profiler._fault("opening a request's profile")
-        if cpu is None:
-            await self._call_with_handle(scope, receive, send, method)
+        if watcher is None:
+            await self._call_with_handle(scope, receive, send, scope.get("method", "GET"))
             return
         profiler._sampled += 1
-        # No contextvar for the scope: work this request offloads to threads finds it by this
-        # frame on its stack (``_offload.request_scope``). Setting one would cost more than
-        # its call: uvicorn's keep-alive timer, made as the response ends, keeps a copy of
-        # the context for seconds, and with it the scope, so every request's objects would
-        # pile up for the garbage collector.
-        root_path = scope.get("root_path", "")
-        watcher = ENGINE.watch_send(send, cpu)
+        # Registered nowhere: while ``watcher`` (this local, the slot the handler reads) is
+        # open, samples taken below this frame are this request's. Work it offloads to
+        # threads finds it there too (``_offload.request_scope``). No contextvar: uvicorn's
+        # keep-alive timer, made as the response ends, keeps a copy of the context for
+        # seconds, and with it every request's objects for the garbage collector.
         error: BaseException | None = None
         try:
             await self.app(scope, receive, watcher)
@@ -131,18 +151,16 @@ class ProfilingMiddleware:
             error = exc
             raise
         finally:
-            # One C call ends the scope and forgets it if no sample can be its own (quiet), as
-            # for about 9 in 10 requests at 99 Hz; else the record is built on the collector.
+            # One C call ends the request; True if no sample is its own, as for about 9 in
+            # 10 requests at 99 Hz. Else its record is built on the collector thread.
             try:
-                quiet = ENGINE.finish_code_scope(cpu)
+                if ENGINE.finish_request(watcher):
+                    profiler._empty += 1
+                else:  # the context now: the collector reads the OpenTelemetry span from it
+                    finish = partial(_finish_lean, profiler, scope, error, copy_context())
+                    ENGINE.release_request(watcher, finish)
             except Exception:
                 profiler._fault("closing a request's profile")
-            else:
-                if quiet:
-                    profiler._empty += 1
-                else:
-                    route = partial(_route_or_none, scope, root_path)
-                    profiler.defer_root(cpu, method, watcher.status, error, route)
 
     def _flushing_at_shutdown(self, send: Send) -> Send:
         """``send`` for the lifespan scope: flush the profiles before shutdown completes.
@@ -245,6 +263,21 @@ def _watch_send(
         return send(message)
 
     return send_wrapper
+
+
+def _finish_lean(
+    profiler: RequestProfiler,
+    scope: Scope,
+    error: BaseException | None,
+    context: Context,
+    watcher: Any,
+    cpu: Any,
+) -> None:
+    """The record of a lean request that took samples, on the engine's collector thread."""
+    root_path = scope.get("root_path", "")
+    route = partial(_route_or_none, scope, root_path)
+    method = scope.get("method", "GET")
+    profiler._finish_root(method, watcher.status, error, route, context, cpu)
 
 
 def _route_or_none(scope: Scope, root_path: str) -> str | None:

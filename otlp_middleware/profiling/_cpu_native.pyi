@@ -112,10 +112,14 @@ def add_root(frame: FrameType, token: int) -> bool:
     token. The frame is kept alive until :func:`remove_root` or :func:`stop`. Returns
     :func:`thread_armed`."""
 
-def add_root_code(code: CodeType) -> None:
-    """Make every frame running ``code`` a root by itself: its samples carry ``-id(frame)``
-    in their root tokens. Permanent (survives :func:`stop`); idempotent. Raises RuntimeError
-    when the small fixed table (16 codes) is full."""
+def add_root_code(code: CodeType, slot: int = -1) -> None:
+    """Make every frame running ``code`` a root by itself. With ``slot`` -1, its samples carry
+    ``-id(frame)`` in their root tokens (when the frame has a frame object). Else ``slot``
+    is the index of one of the code's fast locals: a frame whose local there holds an open
+    request watcher (:func:`watch_request`) tags its samples with the watcher's ``tag`` and
+    counts them in its ``samples``; any other value, no tag. Permanent (survives
+    :func:`stop`); idempotent (a code keeps its first slot). Raises RuntimeError when the
+    small fixed table (16 codes) is full, ValueError for a slot that is not a local."""
 
 def remove_root(frame: FrameType) -> bool:
     """Forget a root frame; returns whether it was registered."""
@@ -161,9 +165,49 @@ class ScopeCore:
     root_key: int
     finish: Any
 
-def watch_send(send: Any, scope: Any) -> Any:
+def watch_send(send: Any, scope: Any) -> SendWatcher:
     """An ASGI ``send`` that passes every message on unchanged, notes the response status
     (``.status``) and ends ``scope`` (``end_scope``) at the last body chunk."""
+
+def watch_request(
+    send: Any, period_ns: int, max_depth: int, max_duration_ns: int | None
+) -> SendWatcher | None:
+    """A request watcher: a :class:`SendWatcher` of ``send`` that is its request's scope until
+    the last body chunk (``open``). Kept in the fast local a root code was registered with
+    (:func:`add_root_code`), it tags and counts the samples taken below that frame. None
+    unless the sampler runs at ``period_ns`` and the calling thread is armed."""
+
+def finish_request(watcher: SendWatcher) -> bool:
+    """End a request watcher (and its ``scope``, if any); True if no sample was tagged with
+    it and it has no scope (nothing can be its request's own)."""
+
+def release_request(released: Any, watcher: SendWatcher, finish: Any) -> None:
+    """End a request watcher and its scope, if any; keep ``finish`` on it; append it to the
+    deque ``released`` (the engine's collector makes its scope and calls
+    ``finish(watcher, scope)``)."""
+
+def open_watchers() -> int:
+    """Request watchers made and not yet ended."""
+
+class SendWatcher:
+    """An ASGI send callable (see :func:`watch_send`, :func:`watch_request`)."""
+
+    status: Any
+    open: bool
+    samples: int
+    tag: int
+    root_key: int
+    closed_ns: int | None
+    deadline_ns: int | None
+    scope: Any
+    finish: Any
+    opened_ns: int
+    period_ns: int
+    max_depth: int
+    thread_id: int
+
+    def __init__(self, send: Any, scope: Any) -> None: ...
+    def __call__(self, message: Any) -> Any: ...
 
 def open_scope(
     cls: type[_T],

@@ -149,7 +149,7 @@ class Engine(NativeTier):
     # ------------------------------------------------------------------ introspection
     @property
     def open_scopes(self) -> int:
-        return self._open + len(self._code_roots)
+        return self._open + len(self._code_roots) + self.open_watchers()
 
     @property
     def sampler_thread_running(self) -> bool:

@@ -57,6 +57,29 @@ def _no_code_scope(*args: Any) -> None:
     return None  # no native tier: the caller takes the general path
 
 
+# Root tags of request watchers (the extension's WATCH_TAG: far below every -id(frame)).
+WATCH_TAGS_BELOW = -(1 << 62)
+# Running requests whose samples ``collect`` holds until their scope is released.
+MAX_PENDING_REQUESTS = 4096
+
+
+def _local_slot(code: CodeType, name: str) -> int:
+    """The index of ``code``'s plain local ``name`` among its frame's fast locals.
+
+    The index ``STORE_FAST`` stores it by: on 3.11+ a position among all of the frame's
+    local names (``_varname_from_oparg``), on 3.10 its place in ``co_varnames``. A cell
+    variable (one an inner function captures) is not a plain local and has none.
+    """
+    if name in code.co_varnames and name not in code.co_cellvars:
+        name_of = getattr(code, "_varname_from_oparg", None)
+        if name_of is None:
+            return code.co_varnames.index(name)
+        for i in range(code.co_nlocals):
+            if name_of(i) == name:
+                return i
+    raise ValueError(f"{name!r} is not a plain local of {code.co_name}")
+
+
 def _needs_extension(*args: Any) -> Any:
     # The code-scope calls exist only with the extension: without it ``open_code_scope``
     # returns None, so no caller ever reaches these.
@@ -104,6 +127,26 @@ class NativeTier:
     request path never drains the ring nor builds a record. The extension's
     ``release_scope`` (it appends to ``_released``, then forgets the scope in
     ``_code_roots``)."""
+    watch_request: Callable[[Any, int, int, int | None], Any]
+    """``watch_request(send, period_ns, max_depth, max_duration_ns)``: the ASGI request path
+    at its leanest, a request watcher, or None (then the caller takes the general path).
+
+    The extension's ``watch_request``: one object, registered nowhere, that is both the
+    request's ``send`` (it notes the status and ends the request at the last body chunk)
+    and its CPU scope. The caller keeps it in the fast local its root code was registered
+    with (``register_root_code(code, watcher="watcher")``), where the signal handler finds
+    it: the handler tags the samples taken below that frame with the watcher's ``tag`` and
+    counts them. A request whose watcher took no sample needs nothing more
+    (``finish_request`` returns True); else ``request_scope`` makes its ``CodeScope``, which
+    ``collect`` fills from the samples carrying the tag."""
+    release_request: Callable[[Any, Callable[[Any, Scope], None]], None]
+    """``release_request(watcher, finish)``: end a request watcher whose request took samples,
+    and hand it to the collector, which makes its scope (``request_scope``), gives it its
+    samples, then calls ``finish(watcher, scope)`` on the collector thread. The extension's
+    ``release_request``: the request path makes no scope object."""
+    finish_request: Callable[[Any], bool]
+    """``finish_request(watcher)``: end the request (if its last body chunk did not), and its
+    scope if it has one; True if nothing can be its own (no sample tagged, no scope)."""
     watch_send: Callable[[Any, Scope], Any]
     """``watch_send(send, scope)``: an ASGI ``send`` that notes the response status
     (``.status``) and ends ``scope`` at the last body chunk (the extension's
@@ -114,6 +157,12 @@ class NativeTier:
         real = self._native_module
         self.end_code_scope = real.end_scope if real is not None else _needs_extension
         self.watch_send = real.watch_send if real is not None else _needs_extension
+        self.finish_request = real.finish_request if real is not None else _needs_extension
+        # A request watcher's tag -> (stack, cpu_ns, timestamp_ns) of the samples drained while
+        # its request ran and had no scope yet: its scope takes them when it is released.
+        self._pending: dict[int, list[tuple[tuple[int, ...], int, int]]] = {}
+        # root codes registered with a watcher slot -> the slot's variable name
+        self._watch_codes: dict[CodeType, str] = {}
         self._native_periods: dict[int, int] = {}
         self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
@@ -141,6 +190,11 @@ class NativeTier:
             if real is not None
             else _needs_extension
         )
+        self.release_request = (
+            functools.partial(real.release_request, self._released)
+            if real is not None
+            else _needs_extension
+        )
         self._thread_names: dict[int, str] = {}
         # (name, filename, first_line, line) -> FRAMES id, for the frames the ring hands out
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
@@ -153,8 +207,10 @@ class NativeTier:
         real = self._native_module
         if real is not None and self._native is not None:
             self.open_code_scope = functools.partial(real.open_scope, CodeScope, self._code_roots)
+            self.watch_request = real.watch_request
         else:
             self.open_code_scope = _no_code_scope
+            self.watch_request = _no_code_scope
 
     def new_code_opens(self) -> bool:
         """Whether code scopes opened since the last call (they keep the sampler running)."""
@@ -185,23 +241,61 @@ class NativeTier:
         self._wake_collector()
         return True
 
-    def register_root_code(self, code: CodeType) -> bool:
+    def register_root_code(self, code: CodeType, watcher: str | None = None) -> bool:
         """Make every frame running ``code`` a root the signal handler recognises by itself.
 
         For the code a request runs under (the ASGI middleware's per-request coroutine):
-        its scopes then skip ``add_root``/``remove_root`` and their token bookkeeping, and
-        are matched to their samples by frame id and time (see ``_add_native_root``).
-        Permanent for the process; False where the native sampler is unavailable.
+        its scopes then skip ``add_root``/``remove_root`` and their token bookkeeping. Without
+        ``watcher``, a frame is matched to its scope (``open_code_scope``) by frame id and
+        time. With ``watcher``, the name of a plain local of ``code``, a frame is its
+        request's root while that local holds an open request watcher (``watch_request``),
+        and none otherwise. Permanent for the process (the first registration of a code
+        stays); False where the native sampler is unavailable.
         """
         native = self._native_module
         if native is None:
             return False
+        slot = -1 if watcher is None else _local_slot(code, watcher)
         try:
-            native.add_root_code(code)  # idempotent
+            native.add_root_code(code, slot)  # idempotent
         except RuntimeError as exc:  # more than the extension's small fixed table
             logger.debug("otlp_middleware: root code not registered: %s", exc)
             return False
+        if watcher is not None:
+            self._watch_codes.setdefault(code, watcher)
         return True
+
+    def request_scope(self, watcher: Any) -> Scope:
+        """The ``CodeScope`` of a request watcher, made on first use.
+
+        For a request that took samples (its record is built from this scope), or whose work
+        runs on other threads too (``code_scope_on_stack``): while the request runs, the
+        scope is registered under the watcher's tag, so ``collect`` hands it the samples
+        straight away; those drained before are pending until the scope is released.
+        """
+        scope = watcher.scope
+        if scope is not None:
+            return scope  # type: ignore[no-any-return]
+        scope = CodeScope.__new__(CodeScope)
+        scope.thread_id = watcher.thread_id
+        scope.period_ns = watcher.period_ns
+        scope.max_depth = watcher.max_depth
+        scope.opened_ns = watcher.opened_ns
+        scope.deadline_ns = watcher.deadline_ns
+        scope.root_key = watcher.tag
+        # no mark (-1): never "quiet", an end sets closed_ns only
+        watcher.scope = scope
+        closed = watcher.closed_ns
+        if closed is not None:
+            scope.closed_ns = closed
+        else:
+            self._code_roots[scope.root_key] = scope
+        return scope
+
+    def open_watchers(self) -> int:
+        """Request watchers (``watch_request``) whose requests have not ended."""
+        real = self._native_module
+        return real.open_watchers() if real is not None else 0
 
     def _add_native_root(self, scope: Scope) -> bool:
         """An async root scope only the native tier samples, kept out of the snapshots.
@@ -292,10 +386,17 @@ class NativeTier:
         meanwhile). A scope whose response has ended is not returned.
         """
         code_roots = self._code_roots
+        watch_codes = self._watch_codes
+        watcher_type = self._native_module.SendWatcher if watch_codes else ()
         while frame is not None:
             scope = code_roots.get(-id(frame))
             if scope is not None:
                 return scope if scope.closed_ns is None else None
+            name = watch_codes.get(frame.f_code) if watch_codes else None
+            if name is not None:
+                watcher = frame.f_locals.get(name)
+                if isinstance(watcher, watcher_type) and watcher.open:
+                    return self.request_scope(watcher)
             frame = frame.f_back
         return None
 
@@ -360,8 +461,18 @@ class NativeTier:
         # copy of the deque: the request path appends to it meanwhile
         for s in tuple(self._released):
             if s.root_key == key and s.opened_ns <= ts <= (s.closed_ns or ts):
-                return s
+                return s if isinstance(s, Scope) else self.request_scope(s)
         return None
+
+    def _released_request(self, watcher: Any) -> Scope:
+        """The scope of a request watcher ``release_request`` handed on, its ``finish`` set."""
+        scope = self.request_scope(watcher)
+        code_roots = self._code_roots
+        if code_roots.get(scope.root_key) is scope:  # made while it ran (work on threads)
+            del code_roots[scope.root_key]
+        finish = watcher.finish
+        scope.finish = functools.partial(finish, watcher) if finish is not None else None
+        return scope
 
     def _native_schedule(self) -> None:
         """Start the native sampler, or retune it, for the shortest period of its scopes."""
@@ -469,8 +580,13 @@ class NativeTier:
         if native is None or not native.is_started() or self._native_periods:
             return
         self.collect()
-        if self._code_roots or self._released or native.code_opens() != self._code_opens_seen:
-            return  # code scopes open without the lock: they keep the sampler
+        if (
+            self._code_roots
+            or self._released
+            or native.open_watchers()
+            or native.code_opens() != self._code_opens_seen
+        ):
+            return  # code scopes and request watchers open without the lock: they keep it
         native.stop()
         self._native_period = 0
         self._tokens.clear()
@@ -510,6 +626,7 @@ class NativeTier:
         # Released before this drain, so all their samples are in it (a thread's samples are
         # published before its scope ends): finished after it.
         closing = [released.popleft() for _ in range(len(released))]
+        closing = [s if isinstance(s, Scope) else self._released_request(s) for s in closing]
         closing_by_key: dict[int, list[Scope]] = {}
         for scope in closing:  # in release order: by time, per frame address
             closing_by_key.setdefault(scope.root_key, []).append(scope)
@@ -520,10 +637,12 @@ class NativeTier:
             frame_ids = self._frame_ids
             max_native_depth = native.MAX_DEPTH
             code_roots = self._code_roots
+            pending = self._pending
             for thread_token, root_tokens, _native_tid, cpu_ns, ts, frames in samples:
                 owner = tokens.get(thread_token)
                 groups = [owner] if owner is not None and owner[2] else []
                 code_scopes: list[Scope] = []
+                waiting: list[int] = []
                 for rt in root_tokens:
                     if rt > 0:
                         g = tokens.get(rt)
@@ -535,7 +654,18 @@ class NativeTier:
                             c = self._released_scope(rt, ts, closing_by_key)
                         if c is not None:
                             code_scopes.append(c)
+                        elif rt < WATCH_TAGS_BELOW:  # a running request without a scope yet
+                            waiting.append(rt)
                 if not groups and not code_scopes:
+                    if waiting:
+                        try:
+                            stack = tuple(map(frame_ids.__getitem__, frames))
+                        except KeyError:
+                            stack = self._intern_frames(frames)
+                        if len(stack) >= max_native_depth:
+                            stack += (truncated_marker(1),)
+                        for rt in waiting:
+                            pending.setdefault(rt, []).append((stack, cpu_ns, ts))
                     continue
                 try:  # every frame seen before (the common case): one pass in C
                     stack = tuple(map(frame_ids.__getitem__, frames))
@@ -564,5 +694,27 @@ class NativeTier:
             retired, self._retired_tokens = self._retired_tokens, []
             for token in retired:
                 self._tokens.pop(token, None)
+        if self._pending:
+            self._take_pending(closing)
         if closing:
             self._finished.extend(closing)
+
+    def _take_pending(self, closing: list[Scope]) -> None:
+        """Give the released request scopes their samples drained while they ran.
+
+        Every request with pending samples releases its scope when it ends, so nothing is
+        left behind; a bound on the requests held guards against one that never does.
+        """
+        pending = self._pending
+        for scope in closing:
+            got = pending.pop(scope.root_key, None)
+            if not got:
+                continue
+            tid = scope.thread_id
+            name = self._thread_name(tid)
+            for stack, cpu_ns, ts in got:
+                if len(stack) > scope.max_depth:
+                    stack = truncate(stack, scope.max_depth)
+                scope.take(CpuSample(stack, tid, name, cpu_ns, cpu_ns, ts), "native")
+        while len(pending) > MAX_PENDING_REQUESTS:
+            del pending[next(iter(pending))]  # the oldest: its request never ended

@@ -114,7 +114,12 @@ class Collector:
             with engine._lock:
                 try:
                     engine.collect()
-                    if engine._native_periods or engine._code_roots or engine.new_code_opens():
+                    if (
+                        engine._native_periods
+                        or engine._code_roots
+                        or engine.open_watchers()
+                        or engine.new_code_opens()
+                    ):
                         idle_since = None
                     elif idle_since is None:
                         idle_since = time.monotonic()

@@ -241,7 +241,35 @@ static root_t g_roots[ROOT_CAP];
  * time (a frame address is reused only after the frame is gone). Never removed. */
 #define ROOT_CODE_CAP 16
 static _Atomic(PyCodeObject *) g_root_codes[ROOT_CODE_CAP];
+/* A root code's fast-local slot that holds its request's SendWatcher (watch_request), or -1:
+ * then the frame itself is the root (minus its frame object's address) */
+static int g_root_slots[ROOT_CODE_CAP];
 static _Atomic int g_n_root_codes;
+
+/* The ASGI send callable of a profiled request (watch_send, watch_request).  A request
+ * watcher (watch_request: id != 0) is its request's scope until the response completes
+ * (open): the handler, finding it in its root code's watcher slot, tags the sample with
+ * WATCH_TAG(id) and counts it in samples, so the request path registers nothing. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *send;
+    PyObject *scope; /* Py_None, or the scope this watcher ends (a request's lazy CodeScope) */
+    PyObject *status;
+    vectorcallfunc vectorcall;
+    uint64_t id;                /* 0: not a request watcher */
+    _Atomic uint32_t samples;   /* samples tagged with it (the handler, same thread) */
+    _Atomic int open;           /* from watch_request() to the end of the response */
+    int64_t opened_ns, closed_ns, period_ns, max_depth, max_duration_ns;
+    unsigned long thread_id;
+    unsigned gen; /* g_gen at watch_request(): counted in g_open_watchers while open */
+    PyObject *finish; /* release_request()'s: the collector calls finish(watcher, scope) */
+} SendWatcher;
+
+static PyTypeObject SendWatcherType;
+/* Watcher tags sit far below every -(frame address) tag (user-space addresses < 2**62). */
+#define WATCH_TAG(id) (INT64_MIN + (int64_t)(id))
+static _Atomic uint64_t g_watch_ids;   /* request watchers made (their ids: 1, 2, ...) */
+static _Atomic int64_t g_open_watchers; /* request watchers still open */
 static _Atomic int g_roots_hwm;
 static int g_n_roots;
 
@@ -479,6 +507,10 @@ static uint32_t intern_code(PyCodeObject *co)
     return FUNC_NONE;
 }
 
+/* The watchers whose tags the current walk put in roots (their samples are counted once
+ * the sample is published); parallel to the walk's roots, NULL for other roots. */
+static TLS SendWatcher *tl_walk_watchers[MAX_ROOTS];
+
 static inline void match_root(void *key, int64_t *roots, int *n_roots)
 {
     int hwm = atomic_load_explicit(&g_roots_hwm, memory_order_acquire);
@@ -487,6 +519,7 @@ static inline void match_root(void *key, int64_t *roots, int *n_roots)
             int64_t tok = atomic_load_explicit(&g_roots[i].token, memory_order_acquire);
             if (atomic_load_explicit(&g_roots[i].key, memory_order_acquire) == key &&
                 *n_roots < MAX_ROOTS) {
+                tl_walk_watchers[*n_roots] = NULL;
                 roots[(*n_roots)++] = tok;
             }
             return;
@@ -524,12 +557,41 @@ static inline int is_root_code(PyCodeObject *co)
     return 0;
 }
 
-/* Record one frame of code object co (already checked to be a code object). */
-static inline void match_root_code(PyCodeObject *co, void *frame_obj, int64_t *roots,
-                                   int *n_roots)
+/* If co is a registered root code, add this frame's root tag: its open request watcher's
+ * tag where the code has a watcher slot (none: not a profiled request, no tag), else minus
+ * the frame object's address (when it has one). */
+static inline void match_root_code(PyCodeObject *co, void *frame_obj, PyObject **locals,
+                                   int64_t *roots, int *n_roots)
 {
-    if (*n_roots < MAX_ROOTS && is_root_code(co)) {
-        roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
+    if (*n_roots >= MAX_ROOTS) {
+        return;
+    }
+    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire);
+    for (int i = 0; i < n; i++) {
+        if (atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) != co) {
+            continue;
+        }
+        int slot = g_root_slots[i];
+        if (slot < 0) {
+            if (frame_obj != NULL) {
+                tl_walk_watchers[*n_roots] = NULL;
+                roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
+            }
+            return;
+        }
+        if (locals == NULL || slot >= co->co_nlocals) {
+            return;
+        }
+        /* the slot holds a strong reference (or NULL) for as long as the frame runs */
+        PyObject *v = locals[slot];
+        if (v != NULL && Py_TYPE(v) == &SendWatcherType) {
+            SendWatcher *w = (SendWatcher *)v;
+            if (w->id != 0 && atomic_load_explicit(&w->open, memory_order_relaxed)) {
+                tl_walk_watchers[*n_roots] = w;
+                roots[(*n_roots)++] = WATCH_TAG(w->id);
+            }
+        }
+        return;
     }
 }
 
@@ -655,13 +717,15 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
 
 /* addr: the frame's instruction offset in bytes (PyCode_Addr2Line's), or -1 before its
  * first instruction (the line is then the first line). */
-static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, frame_ref_t *frames,
-                               int *depth, int *truncated, int have_roots, int64_t *roots,
-                               int *n_roots)
+static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, PyObject **locals,
+                               frame_ref_t *frames, int *depth, int *truncated, int have_roots,
+                               int64_t *roots, int *n_roots)
 {
-    if (have_roots && frame_obj != NULL) {
-        match_root(frame_obj, roots, n_roots);
-        match_root_code(co, frame_obj, roots, n_roots);
+    if (have_roots) {
+        if (frame_obj != NULL) {
+            match_root(frame_obj, roots, n_roots);
+        }
+        match_root_code(co, frame_obj, locals, roots, n_roots);
     }
     if (*depth < MAX_DEPTH) {
         frame_info(co, addr, &frames[*depth].func, &frames[*depth].line);
@@ -715,7 +779,8 @@ static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *t
         }
         PyCodeObject *co = (PyCodeObject *)ex;
         int lasti = _PyInterpreterFrame_LASTI(f);
-        if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj, frames,
+        if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj,
+                          (PyObject **)f->localsplus, frames,
                           depth, truncated, have_roots, roots, n_roots)) {
             break;
         }
@@ -752,7 +817,7 @@ restart:
 #endif
             int lasti = _PyInterpreterFrame_LASTI(f);
             if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj,
-                              frames, depth, truncated, have_roots, roots, n_roots)) {
+                              f->localsplus, frames, depth, truncated, have_roots, roots, n_roots)) {
                 f = NULL; /* deep enough, no roots to match: stop (truncated is set) */
                 walked = -1;
                 break;
@@ -797,7 +862,8 @@ done:
         if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
             continue;
         }
-        if (!record_frame(co, f->f_lasti < 0 ? -1 : f->f_lasti * 2, (void *)f, frames, depth,
+        if (!record_frame(co, f->f_lasti < 0 ? -1 : f->f_lasti * 2, (void *)f, f->f_localsplus,
+                          frames, depth,
                           truncated, have_roots, roots, n_roots)) {
             break;
         }
@@ -941,6 +1007,11 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     atomic_store_explicit(&s->seq, pos + 1, memory_order_release);
     atomic_fetch_add_explicit(&st_samples, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&g_published, 1, memory_order_release);
+    for (int i = 0; i < n_roots; i++) {
+        if (tl_walk_watchers[i] != NULL) { /* its request's frame runs below: alive */
+            atomic_fetch_add_explicit(&tl_walk_watchers[i]->samples, 1, memory_order_relaxed);
+        }
+    }
     if (truncated) {
         atomic_fetch_add_explicit(&st_truncated, 1, memory_order_relaxed);
     }
@@ -1159,6 +1230,7 @@ static void reset_after_fork(void)
     clear_caches();
     clear_roots();
     reset_stats();
+    atomic_store(&g_open_watchers, 0);
     g_started = 0;
     g_gen++;
     g_pid = getpid();
@@ -1644,15 +1716,25 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
     return thread_armed_now();
 }
 
-static PyObject *py_add_root_code(PyObject *self, PyObject *code)
+static PyObject *py_add_root_code(PyObject *self, PyObject *args)
 {
+    PyObject *code;
+    int slot = -1;
+    if (!PyArg_ParseTuple(args, "O|i:add_root_code", &code, &slot)) {
+        return NULL;
+    }
     if (!PyCode_Check(code)) {
         PyErr_Format(PyExc_TypeError, "add_root_code() needs a code object, got %.100s",
                      Py_TYPE(code)->tp_name);
         return NULL;
     }
+    if (slot < -1 || slot >= ((PyCodeObject *)code)->co_nlocals) {
+        PyErr_Format(PyExc_ValueError, "add_root_code(): slot %d is not a local of the code",
+                     slot);
+        return NULL;
+    }
     if (is_root_code((PyCodeObject *)code)) {
-        Py_RETURN_NONE;
+        Py_RETURN_NONE; /* registered with the slot it was first given */
     }
     int n = atomic_load(&g_n_root_codes);
     if (n >= ROOT_CODE_CAP) {
@@ -1660,6 +1742,7 @@ static PyObject *py_add_root_code(PyObject *self, PyObject *code)
         return NULL;
     }
     Py_INCREF(code); /* kept for the life of the process */
+    g_root_slots[n] = slot;
     atomic_store(&g_root_codes[n], (PyCodeObject *)code);
     atomic_store(&g_n_root_codes, n + 1);
     Py_RETURN_NONE;
@@ -2352,15 +2435,18 @@ static int is_str(PyObject *v, PyObject *literal)
            (v == literal || (PyUnicode_CheckExact(v) && PyUnicode_Compare(v, literal) == 0));
 }
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *send;
-    PyObject *scope;
-    PyObject *status;
-    vectorcallfunc vectorcall;
-} SendWatcher;
 
-static PyTypeObject SendWatcherType;
+/* A request watcher's end: samples taken from now on are not its request's. */
+static void close_watcher(SendWatcher *w)
+{
+    if (w->id != 0 && atomic_exchange_explicit(&w->open, 0, memory_order_relaxed)) {
+        atomic_signal_fence(memory_order_seq_cst); /* the handler sees it closed from here */
+        w->closed_ns = now_ns(CLOCK_REALTIME);
+        if (w->gen == g_gen) {
+            atomic_fetch_sub_explicit(&g_open_watchers, 1, memory_order_relaxed);
+        }
+    }
+}
 
 /* Note what the request needs from one message; never fails (the app must not see our
  * errors: a message we cannot read is passed on unread). */
@@ -2379,8 +2465,11 @@ static void watch(SendWatcher *w, PyObject *message)
         PyObject *more = message_get(message, s_more_body);
         int more_body = more != NULL ? PyObject_IsTrue(more) : 0;
         Py_XDECREF(more);
-        if (more_body == 0 && w->scope != Py_None) {
-            (void)end_scope(w->scope);
+        if (more_body == 0) {
+            close_watcher(w);
+            if (w->scope != Py_None) {
+                (void)end_scope(w->scope);
+            }
         }
     }
     Py_XDECREF(kind);
@@ -2433,11 +2522,112 @@ static PyObject *py_watch_send(PyObject *self, PyObject *const *args, Py_ssize_t
     return make_watcher(args[0], args[1]);
 }
 
+/* watch_request(send, period_ns, max_depth, max_duration_ns): the ASGI request path at its
+ * leanest.  A SendWatcher of send that is also the request's scope until its response
+ * completes: the caller keeps it in the fast local its root code was registered with
+ * (add_root_code), where the handler finds it.  None unless the sampler runs at period_ns
+ * and the calling thread is armed (the caller then takes the general path). */
+static PyObject *py_watch_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "watch_request(send, period_ns, max_depth, max_duration_ns)");
+        return NULL;
+    }
+    long long period = PyLong_AsLongLong(args[1]);
+    if (period == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long max_depth = PyLong_AsLongLong(args[2]);
+    if (max_depth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long max_duration = 0;
+    if (args[3] != Py_None) {
+        max_duration = PyLong_AsLongLong(args[3]);
+        if (max_duration == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    check_fork_fast();
+    if (!thread_sampled() ||
+        period != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
+        Py_RETURN_NONE;
+    }
+    SendWatcher *w = (SendWatcher *)make_watcher(args[0], Py_None);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->id = atomic_fetch_add_explicit(&g_watch_ids, 1, memory_order_relaxed) + 1;
+    w->opened_ns = now_ns(CLOCK_REALTIME);
+    w->thread_id = PyThread_get_thread_ident();
+    w->period_ns = period;
+    w->max_depth = max_depth;
+    w->max_duration_ns = max_duration;
+    w->gen = g_gen;
+    atomic_fetch_add_explicit(&g_open_watchers, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
+    atomic_store_explicit(&w->open, 1, memory_order_relaxed);
+    return (PyObject *)w;
+}
+
+/* finish_request(watcher): end the request (if its last body chunk did not already), and
+ * end its scope if it has one; returns whether nothing can be its own: no sample tagged with
+ * it and no scope (quiet requests then need nothing more). */
+static PyObject *py_finish_request(PyObject *self, PyObject *arg)
+{
+    if (Py_TYPE(arg) != &SendWatcherType || ((SendWatcher *)arg)->id == 0) {
+        PyErr_SetString(PyExc_TypeError, "finish_request() needs a watch_request() watcher");
+        return NULL;
+    }
+    SendWatcher *w = (SendWatcher *)arg;
+    close_watcher(w);
+    if (w->scope != Py_None) {
+        if (end_scope(w->scope) < 0) {
+            return NULL;
+        }
+        Py_RETURN_FALSE;
+    }
+    return PyBool_FromLong(atomic_load_explicit(&w->samples, memory_order_relaxed) == 0);
+}
+
+static PyObject *py_open_watchers(PyObject *self, PyObject *unused)
+{
+    check_fork_fast();
+    return PyLong_FromLongLong(atomic_load_explicit(&g_open_watchers, memory_order_relaxed));
+}
+
+/* release_request(released, watcher, finish): end the request watcher (as finish_request),
+ * keep finish on it and append it to the deque released, where the engine's collector
+ * makes its scope (request_scope) and calls finish(watcher, scope) once the samples are in.
+ * So a request that took samples costs its request path one call more, no scope object. */
+static PyObject *py_release_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || Py_TYPE(args[1]) != &SendWatcherType || ((SendWatcher *)args[1])->id == 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "release_request(released, watcher: a watch_request() watcher, finish)");
+        return NULL;
+    }
+    SendWatcher *w = (SendWatcher *)args[1];
+    close_watcher(w);
+    if (w->scope != Py_None && end_scope(w->scope) < 0) {
+        return NULL;
+    }
+    Py_XSETREF(w->finish, Py_NewRef(args[2]));
+    PyObject *res = PyObject_CallMethodOneArg(args[0], s_append, args[1]);
+    if (res == NULL) {
+        return NULL;
+    }
+    Py_DECREF(res);
+    Py_RETURN_NONE;
+}
+
 static int watcher_traverse(SendWatcher *w, visitproc visit, void *arg)
 {
     Py_VISIT(w->send);
     Py_VISIT(w->scope);
     Py_VISIT(w->status);
+    Py_VISIT(w->finish);
     return 0;
 }
 
@@ -2446,12 +2636,14 @@ static int watcher_clear(SendWatcher *w)
     Py_CLEAR(w->send);
     Py_CLEAR(w->scope);
     Py_CLEAR(w->status);
+    Py_CLEAR(w->finish);
     return 0;
 }
 
 static void watcher_dealloc(SendWatcher *w)
 {
     PyObject_GC_UnTrack(w);
+    close_watcher(w);
     watcher_clear(w);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
@@ -2464,10 +2656,86 @@ static PyObject *watcher_get_status(SendWatcher *w, void *closure)
     return Py_NewRef(w->status);
 }
 
+static PyObject *watcher_get_open(SendWatcher *w, void *closure)
+{
+    return PyBool_FromLong(atomic_load_explicit(&w->open, memory_order_relaxed));
+}
+
+static PyObject *watcher_get_samples(SendWatcher *w, void *closure)
+{
+    return PyLong_FromUnsignedLong(atomic_load_explicit(&w->samples, memory_order_relaxed));
+}
+
+static PyObject *watcher_get_tag(SendWatcher *w, void *closure)
+{
+    return PyLong_FromLongLong(w->id != 0 ? WATCH_TAG(w->id) : 0);
+}
+
+static PyObject *watcher_get_closed(SendWatcher *w, void *closure)
+{
+    return w->id != 0 && !atomic_load_explicit(&w->open, memory_order_relaxed)
+               ? PyLong_FromLongLong(w->closed_ns)
+               : Py_NewRef(Py_None);
+}
+
+static PyObject *watcher_get_deadline(SendWatcher *w, void *closure)
+{
+    return w->max_duration_ns ? PyLong_FromLongLong(w->opened_ns + w->max_duration_ns)
+                              : Py_NewRef(Py_None);
+}
+
+static PyObject *watcher_get_finish(SendWatcher *w, void *closure)
+{
+    return Py_NewRef(w->finish != NULL ? w->finish : Py_None);
+}
+
+static PyObject *watcher_get_scope(SendWatcher *w, void *closure)
+{
+    return Py_NewRef(w->scope);
+}
+
+static int watcher_set_scope(SendWatcher *w, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete scope");
+        return -1;
+    }
+    Py_SETREF(w->scope, Py_NewRef(value));
+    return 0;
+}
+
 static PyGetSetDef watcher_getset[] = {
     {"status", (getter)watcher_get_status, NULL,
      "The status of the http.response.start message sent so far (None before it).", NULL},
+    {"open", (getter)watcher_get_open, NULL,
+     "A request watcher whose response has not completed yet.", NULL},
+    {"samples", (getter)watcher_get_samples, NULL,
+     "Samples the handler tagged with this request watcher.", NULL},
+    {"tag", (getter)watcher_get_tag, NULL,
+     "The root tag of this request watcher's samples in drain()'s root_tokens (0: none).",
+     NULL},
+    {"root_key", (getter)watcher_get_tag, NULL,
+     "The tag again, under the name the engine's code scopes give theirs.", NULL},
+    {"finish", (getter)watcher_get_finish, NULL,
+     "What release_request() was given to call once the samples are in, or None.", NULL},
+    {"closed_ns", (getter)watcher_get_closed, NULL,
+     "When the response completed (Unix ns); None while open.", NULL},
+    {"deadline_ns", (getter)watcher_get_deadline, NULL,
+     "Unix time after which samples are not kept, or None.", NULL},
+    {"scope", (getter)watcher_get_scope, (setter)watcher_set_scope,
+     "The scope ended with the response: None, or a request's scope made on demand.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef watcher_members[] = {
+    {"opened_ns", T_LONGLONG, offsetof(SendWatcher, opened_ns), READONLY,
+     "When watch_request() made it (Unix ns)."},
+    {"period_ns", T_LONGLONG, offsetof(SendWatcher, period_ns), READONLY,
+     "The sampling period."},
+    {"max_depth", T_LONGLONG, offsetof(SendWatcher, max_depth), READONLY,
+     "Frames kept per sample."},
+    {"thread_id", T_ULONG, offsetof(SendWatcher, thread_id), READONLY, "The thread's ident."},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject SendWatcherType = {
@@ -2484,6 +2752,7 @@ static PyTypeObject SendWatcherType = {
     .tp_vectorcall_offset = offsetof(SendWatcher, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_getset = watcher_getset,
+    .tp_members = watcher_members,
 };
 
 static int init_request_path(PyObject *m)
@@ -2540,9 +2809,11 @@ static PyMethodDef methods[] = {
     {"add_root", py_add_root, METH_VARARGS,
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
      "root_tokens. Returns thread_armed()."},
-    {"add_root_code", py_add_root_code, METH_O,
-     "add_root_code(code)\n--\n\nEvery frame running code (with a frame object) is a root: "
-     "its samples carry -id(frame) in root_tokens. Permanent; idempotent."},
+    {"add_root_code", py_add_root_code, METH_VARARGS,
+     "add_root_code(code, slot=-1)\n--\n\nEvery frame running code is a root. With slot -1, "
+     "a frame with a frame object tags its samples with -id(frame) in root_tokens; else a "
+     "frame whose fast local number slot holds an open request watcher (watch_request) tags "
+     "them with that watcher's tag, and counts them in its samples. Permanent; idempotent."},
     {"remove_root", py_remove_root, METH_O,
      "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
     {"drain", py_drain, METH_NOARGS,
@@ -2576,6 +2847,21 @@ static PyMethodDef methods[] = {
     {"watch_send", (PyCFunction)(void (*)(void))py_watch_send, METH_FASTCALL,
      "watch_send(send, scope)\n--\n\nSendWatcher(send, scope), made without parsing a "
      "tuple of arguments."},
+    {"watch_request", (PyCFunction)(void (*)(void))py_watch_request, METH_FASTCALL,
+     "watch_request(send, period_ns, max_depth, max_duration_ns)\n--\n\nA request watcher: "
+     "a SendWatcher of send that is its request's scope until the last body chunk (open); "
+     "kept in a root code's watcher slot (add_root_code), it tags and counts the samples "
+     "taken below that frame. None unless the sampler runs at period_ns and the calling "
+     "thread is armed."},
+    {"finish_request", py_finish_request, METH_O,
+     "finish_request(watcher)\n--\n\nEnd the request watcher (and its scope, if any). "
+     "Returns True if no sample was tagged with it and it has no scope."},
+    {"release_request", (PyCFunction)(void (*)(void))py_release_request, METH_FASTCALL,
+     "release_request(released, watcher, finish)\n--\n\nEnd the request watcher and its "
+     "scope, if any; keep finish on it; append it to released (a deque the collector "
+     "empties)."},
+    {"open_watchers", py_open_watchers, METH_NOARGS,
+     "open_watchers()\n--\n\nRequest watchers made and not yet ended."},
     {"code_opens", py_code_opens, METH_NOARGS,
      "code_opens()\n--\n\nThe number of scopes open_scope() has made (never reset)."},
     {"mark", py_mark, METH_NOARGS,
