@@ -675,3 +675,55 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     assert stats.empty == stats.sampled - len(exporter.records) >= 1
     if handed_on:  # the lean path (taken when the sampler already runs at this rate)
         assert handed_on == ["/busy"]  # /wait took no sample: quiet, though others were taken
+
+
+@pytest.mark.skipif(
+    not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
+    reason="the lean path runs on the native tier",
+)
+def test_lean_request_keeps_the_samples_drained_while_it_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A drain in the middle of a request (the collector's, every second) finds samples of a
+    request that has no scope yet: they wait for it, and its record has them all."""
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
+    waiting: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/long":
+            workloads.hot_function(0.15)
+            with ENGINE._lock:
+                ENGINE.collect()
+            waiting.append(sum(len(v) for v in ENGINE._pending.values()))
+            workloads.cold_function(0.15)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    exporter = KeepingExporter()
+    mw = make(app, exporter)
+    handed_on = watchers_handed_on(monkeypatch)
+
+    async def main() -> None:
+        await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
+        await asgi_get(mw, "/long")
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    assert len(handed_on) == 1 and waiting[0] >= 5, waiting
+    record = exporter.records[-1]
+    assert {"hot_function", "cold_function"} <= names(record), names(record)
+    assert len(record.cpu_samples) == handed_on[0].samples
+    assert ENGINE._pending == {} and ENGINE.open_watchers() == 0
+
+
+def test_samples_of_a_request_that_never_ends_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples wait for their request's scope; should a request never release it, the oldest
+    requests' are dropped beyond a bound instead of piling up."""
+    from otlp_middleware.profiling import _native_tier
+
+    monkeypatch.setattr(_native_tier, "MAX_PENDING_REQUESTS", 2)
+    monkeypatch.setattr(ENGINE, "_pending", {-(2**63) + i: [((1,), 1, i)] for i in range(5)})
+    ENGINE._take_pending([])
+    assert list(ENGINE._pending) == [-(2**63) + 3, -(2**63) + 4]

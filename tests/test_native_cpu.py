@@ -1188,3 +1188,65 @@ def test_non_ascii_names_are_kept_readable(native: ModuleType) -> None:
         native.disarm_thread()
     names = {s[5][0][0] for s in native.drain() if s[5] and s[5][0][1] == "<string>"}
     assert names and names <= {"f?nf_?", "fünf_Ω"}, names
+
+
+def test_request_watchers_tag_and_count_only_their_own_open_requests(native: ModuleType) -> None:
+    """watch_request applies only where the lean path does. While a root code's watcher slot
+    holds an open watcher, the samples taken below that frame carry its tag and are counted
+    on it; once the watcher has ended, or in a frame whose slot holds no watcher, none is."""
+    import collections
+
+    from otlp_middleware.profiling import CpuProfilerConfig
+    from otlp_middleware.profiling._native_tier import _local_slot
+
+    def root(w: Any, until: float) -> Any:
+        watcher = w
+        while time.thread_time() < until:
+            pass
+        return watcher
+
+    native.add_root_code(root.__code__, _local_slot(root.__code__, "watcher"))
+    with pytest.raises(ValueError, match="not a local"):
+        native.add_root_code(burst.__code__, 99)
+    period = CpuProfilerConfig().period_ns
+    native.start(1e9 / period)
+    results: dict[str, Any] = {}
+
+    def body() -> None:
+        results["unarmed"] = native.watch_request(print, period, 64, None)
+        native.arm_thread(0)
+        try:
+            results["wrong_period"] = native.watch_request(print, period + 1, 64, None)
+            open_before = native.open_watchers()
+            w = native.watch_request(print, period, 64, 10**9)
+            results["open"] = native.open_watchers() - open_before
+            root(w, time.thread_time() + 0.3)  # open: its samples
+            results["during"] = w.samples
+            assert native.finish_request(w) is False  # took samples: not quiet
+            results["ended"] = native.open_watchers() - open_before
+            root(w, time.thread_time() + 0.2)  # ended: no longer its samples
+            results["after"] = w.samples
+            root(None, time.thread_time() + 0.2)  # no watcher: no tag at all
+            quiet = native.watch_request(print, period, 64, None)
+            results["quiet"] = native.finish_request(quiet)
+            results["watcher"] = w
+        finally:
+            native.disarm_thread()
+
+    run_in_thread(body)
+    assert results["unarmed"] is None and results["wrong_period"] is None
+    assert results["open"] == 1 and results["ended"] == 0 and results["quiet"] is True
+    w = results["watcher"]
+    assert results["during"] >= 10 and results["after"] == results["during"]
+    assert w.tag < -(1 << 62) and w.root_key == w.tag and not w.open
+    assert w.period_ns == period and w.max_depth == 64
+    assert w.deadline_ns == w.opened_ns + 10**9 and w.closed_ns >= w.opened_ns
+    tagged = [s for s in native.drain() if w.tag in s[1]]
+    assert len(tagged) == w.samples
+    assert all(s[5][0][0].endswith("root") for s in tagged)
+    # release_request ends it (idempotent here) and queues it with its finish
+    released: collections.deque[Any] = collections.deque()
+    native.release_request(released, w, print)
+    assert list(released) == [w] and w.finish is print
+    with pytest.raises(TypeError):
+        native.finish_request(native.watch_send(print, None))  # not a request watcher
