@@ -20,7 +20,6 @@ import atexit
 import contextlib
 import contextvars
 import fnmatch
-import functools
 import logging
 import re
 import time
@@ -342,7 +341,7 @@ class RequestProfiler:
 
     def _update_lean_root(self) -> None:
         # ``lean_root``: the (period_ns, max_depth, max_duration_ns) of
-        # ``ENGINE.open_code_scope`` when a sampled request needs only on-CPU samples, which
+        # ``ENGINE.watch_request`` when a sampled request needs only on-CPU samples, which
         # an async adapter can then take at its leanest; else None. Kept in step with
         # ``cpu`` and ``memory`` by their setters.
         cpu = self._cpu
@@ -455,37 +454,6 @@ class RequestProfiler:
             self._fault("opening a request's profile")
             return None
 
-    def defer_root(
-        self,
-        scope: Scope,
-        method: str,
-        status_code: int | None,
-        error: BaseException | None,
-        route_source: Callable[[], str | None] | None,
-    ) -> None:
-        """Queue the record of an ended lean code scope once its samples are collected.
-
-        For a sampled request an async adapter took at its leanest: a scope from
-        ``ENGINE.open_code_scope`` with ``lean_root``, ended by ``ENGINE.finish_code_scope``,
-        which found that samples may be its own.
-
-        The engine's collector thread drains the ring and then builds the record (or counts
-        the request empty): the request path does neither. The context is taken now (a copy
-        is one C call); the collector reads the OpenTelemetry span from it.
-        """
-        try:
-            finish = functools.partial(
-                self._finish_root,
-                method,
-                status_code,
-                error,
-                route_source,
-                contextvars.copy_context(),
-            )
-            ENGINE.release_code_scope(scope, finish)
-        except Exception:
-            self._fault("closing a request's profile")
-
     def _finish_root(
         self,
         method: str,
@@ -495,7 +463,12 @@ class RequestProfiler:
         context: contextvars.Context,
         scope: Scope,
     ) -> None:
-        """The record of a lean request (``defer_root``), on the collector thread.
+        """The record of a lean request that took samples, on the collector thread.
+
+        The ASGI adapter hands its request watcher to the engine
+        (``ENGINE.release_request``); the collector makes the request's scope, gives it its
+        samples and calls this (through the adapter's ``finish``). The context was copied
+        on the request path; the OpenTelemetry span is read from it here.
 
         Built straight from the scope, without a ``RequestHandle``: about 1 in 10 requests at
         99 Hz come here, so this is most of the collector's work per exported request.

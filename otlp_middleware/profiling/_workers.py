@@ -62,7 +62,7 @@ class Collector:
     """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
 
     One thread, created with the first native scope. It also builds the records of the
-    request scopes the ASGI path released (``Engine.release_code_scope``): the longer the
+    request scopes the ASGI path released (``Engine.release_request``): the longer the
     interval, the larger and cheaper each batch (its code stays warm in the caches); a ring
     found a quarter full shortens the next wait to ``BUSY_COLLECT_INTERVAL``. Closing thread
     scopes drain the ring themselves, so short requests never wait for it. Once no native
