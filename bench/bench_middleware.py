@@ -11,6 +11,10 @@ underestimates the cost in a server whose own work keeps the caches cold).
     python bench/bench_middleware.py [--rounds 7] [--duration 3] [--warmup 3]
         [--variants bare,never,always]
 
+A variant may also set the sampling rate and run from another checkout, to measure a change
+by itself: ``--rounds 0 --side-by-side 12 --split --variants before=always@../old,always``
+(see ``parse_mode``); ``always%1`` against ``always`` separates the samples' cost.
+
 Each round starts fresh servers (see ``main``); ``bare-again``, a second bare app, shows how
 far two identical variants' ratio strays from 1 on this machine. Then ``--side-by-side N``
 serves each variant at the same time as a fresh bare app on the one server CPU (see
@@ -63,9 +67,22 @@ def pinning() -> tuple[list[str], list[str]]:
 SERVER_PIN, WRK_PIN = pinning()
 
 
-def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+def parse_mode(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``MODE[%HZ][@TREE]``: bench/app.py's mode, its sampling rate (``BENCH_HZ``), and the
+    checkout it runs from (default: this one).
+
+    Another checkout (``git worktree add ../old HEAD~1``, its extension built in place) served
+    side by side with this one measures a change itself, with all else alike.
+    """
+    spec, _, tree = spec.partition("@")
+    mode, _, hz = spec.partition("%")
+    return mode, os.path.abspath(tree) if tree else ROOT, {"BENCH_HZ": hz} if hz else {}
+
+
+def start_server(spec: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    mode, root, own_env = parse_mode(spec)
     port = free_port()
-    env = {**os.environ, "BENCH_MODE": mode, "PYTHONPATH": ROOT, **env_extra}
+    env = {**os.environ, "BENCH_MODE": mode, "PYTHONPATH": root, **env_extra, **own_env}
     proc = subprocess.Popen(
         [
             *SERVER_PIN,
@@ -83,7 +100,7 @@ def start_server(mode: str, env_extra: dict[str, str]) -> tuple[subprocess.Popen
             "warning",
             "--no-access-log",
         ],
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -472,7 +489,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="bare,bare-again=bare,never,always,otlp",
-        help="comma-separated modes of bench/app.py, each optionally LABEL=MODE; the first is "
+        help="comma-separated modes of bench/app.py, each optionally LABEL=MODE, a MODE as "
+        "MODE[%%HZ][@TREE] (its sampling rate; another checkout to run it from); the first is "
         "the baseline (default: with a second bare app, the noise floor of the ratios)",
     )
     args = ap.parse_args()

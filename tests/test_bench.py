@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_middleware import read_split
+from bench.bench_middleware import ROOT, parse_mode, read_split
 
 from .servers import RUNNING, free_port, serve, uvicorn_argv
 
@@ -60,3 +60,10 @@ def test_the_split_counts_the_requests_and_splits_the_cpu_between_two_snapshots(
     assert rest > 0, rest
     assert others > -50, others
     assert after["main_s"] - before["main_s"] >= after["handler_s"] - before["handler_s"]
+
+
+def test_a_variant_names_its_rate_and_the_checkout_it_runs_from(tmp_path: Path) -> None:
+    """``MODE[%HZ][@TREE]``: a change is measured by serving two checkouts side by side."""
+    assert parse_mode("always") == ("always", ROOT, {})
+    assert parse_mode("always%1") == ("always", ROOT, {"BENCH_HZ": "1"})
+    assert parse_mode(f"otlp%297@{tmp_path}") == ("otlp", str(tmp_path), {"BENCH_HZ": "297"})
