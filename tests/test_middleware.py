@@ -728,3 +728,39 @@ def test_samples_of_a_request_that_never_ends_are_bounded(monkeypatch: pytest.Mo
     monkeypatch.setattr(ENGINE, "_pending", {-(2**63) + i: [((1,), 1, i)] for i in range(5)})
     ENGINE._take_pending([])
     assert list(ENGINE._pending) == [-(2**63) + 3, -(2**63) + 4]
+
+
+def test_lean_path_keeps_a_mounted_apps_prefix_in_the_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Starlette ``Mount`` adds its prefix to the request's ``root_path`` as it routes: the
+    route template of a lean request's record keeps it in front of the inner route's."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
+
+    async def item(request: Request) -> PlainTextResponse:
+        workloads.hot_function(0.1)
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/items/{item_id}", item)])
+    exporter = KeepingExporter()
+    mw = make(Starlette(routes=[Mount("/api", app=inner)]), exporter)
+    handed_on = watchers_handed_on(monkeypatch)
+
+    async def main() -> None:
+        for _ in range(2):  # the first starts and arms the sampler, the second is lean
+            sent = await asgi_get(mw, "/api/items/7")
+            assert sent[0]["status"] == 200
+
+    asyncio.run(main())
+    mw.profiler.shutdown(5)
+    routes = [r.attributes.get("http.route") for r in exporter.records]
+    assert routes == ["/api/items/{item_id}"] * 2
+    if ENGINE.native_available and ENGINE.method in ("auto", "native"):
+        assert len(handed_on) == 1  # the second request, on the lean path

@@ -144,6 +144,7 @@ class ProfilingMiddleware:
         # threads finds it there too (``_offload.request_scope``). No contextvar: uvicorn's
         # keep-alive timer, made as the response ends, keeps a copy of the context for
         # seconds, and with it every request's objects for the garbage collector.
+        root_path = scope.get("root_path", "")  # a mount adds to it: the route's prefix
         error: BaseException | None = None
         try:
             await self.app(scope, receive, watcher)
@@ -156,8 +157,19 @@ class ProfilingMiddleware:
             try:
                 if ENGINE.finish_request(watcher):
                     profiler._empty += 1
-                else:  # the context now: the collector reads the OpenTelemetry span from it
-                    finish = partial(_finish_lean, profiler, scope, error, copy_context())
+                else:
+                    # What the record needs, read now: neither the request's scope dict nor
+                    # its objects wait for the collector. The context is copied (one C call);
+                    # the collector reads the OpenTelemetry span from it.
+                    finish = partial(
+                        _finish_lean,
+                        profiler,
+                        scope.get("method", "GET"),
+                        {"route": scope.get("route"), "root_path": scope.get("root_path", "")},
+                        root_path,
+                        error,
+                        copy_context(),
+                    )
                     ENGINE.release_request(watcher, finish)
             except Exception:
                 profiler._fault("closing a request's profile")
@@ -267,16 +279,20 @@ def _watch_send(
 
 def _finish_lean(
     profiler: RequestProfiler,
-    scope: Scope,
+    method: str,
+    routing: Scope,
+    root_path: str,
     error: BaseException | None,
     context: Context,
     watcher: Any,
     cpu: Any,
 ) -> None:
-    """The record of a lean request that took samples, on the engine's collector thread."""
-    root_path = scope.get("root_path", "")
-    route = partial(_route_or_none, scope, root_path)
-    method = scope.get("method", "GET")
+    """The record of a lean request that took samples, on the engine's collector thread.
+
+    ``routing``: the request scope's ``route`` and ``root_path`` as the response ended,
+    ``root_path`` the latter as the request began (``route_template``).
+    """
+    route = partial(_route_or_none, routing, root_path)
     profiler._finish_root(method, watcher.status, error, route, context, cpu)
 
 
