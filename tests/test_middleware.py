@@ -659,7 +659,7 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     release = ENGINE.release_request
 
     def releasing(watcher: Any, finish: Any) -> None:
-        handed_on.append(finish.args[2]["route"].path)  # _finish_lean(profiler, method, routing
+        handed_on.append(finish.args[1]["path"])  # finish: _finish_lean with the ASGI scope
         release(watcher, finish)
 
     monkeypatch.setattr(ENGINE, "release_request", releasing)

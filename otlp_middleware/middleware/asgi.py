@@ -157,19 +157,9 @@ class ProfilingMiddleware:
             try:
                 if ENGINE.finish_request(watcher):
                     profiler._empty += 1
-                else:
-                    # What the record needs, read now: neither the request's scope dict nor
-                    # its objects wait for the collector. The context is copied (one C call);
-                    # the collector reads the OpenTelemetry span from it.
-                    finish = partial(
-                        _finish_lean,
-                        profiler,
-                        scope.get("method", "GET"),
-                        {"route": scope.get("route"), "root_path": scope.get("root_path", "")},
-                        root_path,
-                        error,
-                        copy_context(),
-                    )
+                else:  # the context now: the collector reads the OpenTelemetry span from it
+                    context = copy_context()
+                    finish = partial(_finish_lean, profiler, scope, root_path, error, context)
                     ENGINE.release_request(watcher, finish)
             except Exception:
                 profiler._fault("closing a request's profile")
@@ -279,8 +269,7 @@ def _watch_send(
 
 def _finish_lean(
     profiler: RequestProfiler,
-    method: str,
-    routing: Scope,
+    scope: Scope,
     root_path: str,
     error: BaseException | None,
     context: Context,
@@ -289,10 +278,11 @@ def _finish_lean(
 ) -> None:
     """The record of a lean request that took samples, on the engine's collector thread.
 
-    ``routing``: the request scope's ``route`` and ``root_path`` as the response ended,
-    ``root_path`` the latter as the request began (``route_template``).
+    ``root_path``: the scope's as the request began (a mount adds its prefix to the scope's
+    own as it routes, see ``route_template``).
     """
-    route = partial(_route_or_none, routing, root_path)
+    route = partial(_route_or_none, scope, root_path)
+    method = scope.get("method", "GET")
     profiler._finish_root(method, watcher.status, error, route, context, cpu)
 
 

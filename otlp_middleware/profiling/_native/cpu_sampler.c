@@ -2614,9 +2614,6 @@ static PyObject *py_release_request(PyObject *self, PyObject *const *args, Py_ss
         return NULL;
     }
     Py_XSETREF(w->finish, Py_NewRef(args[2]));
-    /* the response is complete: nothing sends through it any more, and the server's
-     * per-request objects behind send need not wait for the collector */
-    Py_SETREF(w->send, Py_NewRef(Py_None));
     PyObject *res = PyObject_CallMethodOneArg(args[0], s_append, args[1]);
     if (res == NULL) {
         return NULL;
