@@ -2191,6 +2191,32 @@ static PyTypeObject ScopeCoreType = {
     .tp_members = core_members,
 };
 
+/* The (period_ns, max_depth, max_duration_ns or None) arguments of the lean request path's
+ * calls: -1 on an error; 0 where that path does not apply (the sampler does not run at
+ * period_ns, or the calling thread is not armed); else 1.  max_duration 0: None. */
+static int lean_args(PyObject *const *args, long long *period, long long *max_depth,
+                     long long *max_duration)
+{
+    *period = PyLong_AsLongLong(args[0]);
+    if (*period == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *max_depth = PyLong_AsLongLong(args[1]);
+    if (*max_depth == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *max_duration = 0;
+    if (args[2] != Py_None) {
+        *max_duration = PyLong_AsLongLong(args[2]);
+        if (*max_duration == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    check_fork_fast();
+    return thread_sampled() &&
+           *period == atomic_load_explicit(&g_period_ns, memory_order_relaxed);
+}
+
 /* open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns): the request's
  * scope at a registered root code, made in one call: None unless the sampler runs at
  * period_ns, the calling thread is armed, frame runs a registered root code and holds no
@@ -2209,25 +2235,10 @@ static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t
                         "open_scope(cls: a ScopeCore subclass, code_roots: dict, frame, ...)");
         return NULL;
     }
-    long long period = PyLong_AsLongLong(args[3]);
-    if (period == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    long long max_depth = PyLong_AsLongLong(args[4]);
-    if (max_depth == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    long long max_duration = 0;
-    if (args[5] != Py_None) {
-        max_duration = PyLong_AsLongLong(args[5]);
-        if (max_duration == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    check_fork_fast();
-    if (!thread_sampled() ||
-        period != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
-        Py_RETURN_NONE;
+    long long period, max_depth, max_duration;
+    int lean = lean_args(args + 3, &period, &max_depth, &max_duration);
+    if (lean <= 0) {
+        return lean < 0 ? NULL : Py_NewRef(Py_None);
     }
     PyCodeObject *co = PyFrame_GetCode((PyFrameObject *)frame);
     int known = is_root_code(co);
@@ -2534,25 +2545,10 @@ static PyObject *py_watch_request(PyObject *self, PyObject *const *args, Py_ssiz
                         "watch_request(send, period_ns, max_depth, max_duration_ns)");
         return NULL;
     }
-    long long period = PyLong_AsLongLong(args[1]);
-    if (period == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    long long max_depth = PyLong_AsLongLong(args[2]);
-    if (max_depth == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    long long max_duration = 0;
-    if (args[3] != Py_None) {
-        max_duration = PyLong_AsLongLong(args[3]);
-        if (max_duration == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    check_fork_fast();
-    if (!thread_sampled() ||
-        period != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
-        Py_RETURN_NONE;
+    long long period, max_depth, max_duration;
+    int lean = lean_args(args + 1, &period, &max_depth, &max_duration);
+    if (lean <= 0) {
+        return lean < 0 ? NULL : Py_NewRef(Py_None);
     }
     SendWatcher *w = (SendWatcher *)make_watcher(args[0], Py_None);
     if (w == NULL) {
