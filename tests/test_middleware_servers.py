@@ -107,14 +107,13 @@ def test_uvicorn_concurrent_requests_stay_separate(tmp_path: object) -> None:
     routes = check_profiles(profiles, sent, expect)
     assert {"/alpha/{item}", "/beta", "/gamma", "/delta"} <= routes
     # `def` endpoints (thread pool) and asyncio.to_thread work are attributed to their request.
-    gamma = [p for p in profiles.values() if comments(p).get("http.route") == "/gamma"]
-    assert gamma and all("gamma_work" in functions(p) for p in gamma), [
-        sorted(functions(p)) for p in gamma if "gamma_work" not in functions(p)
-    ]
-    delta = [p for p in profiles.values() if comments(p).get("http.route") == "/delta"]
-    assert delta and all("delta_work" in functions(p) for p in delta), [
-        sorted(functions(p)) for p in delta if "delta_work" not in functions(p)
-    ]
+    # Not every profile need show it: under CPU contention a request's few samples may all
+    # land in its other frames (the loop's part, the worker's wrapper), 2 runs in 25 with two
+    # CPU hogs, before and after the request watcher alike.
+    for route, work in (("/gamma", "gamma_work"), ("/delta", "delta_work")):
+        mine = [p for p in profiles.values() if comments(p).get("http.route") == route]
+        missing = [sorted(functions(p)) for p in mine if work not in functions(p)]
+        assert mine and len(missing) <= len(mine) // 4, (route, missing)
     # The excluded health check produced nothing.
     assert not any(comments(p).get("http.route") == "/health" for p in profiles.values())
 
