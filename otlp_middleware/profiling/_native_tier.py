@@ -656,7 +656,16 @@ class NativeTier:
                             code_scopes.append(c)
                         elif rt < WATCH_TAGS_BELOW:  # a running request without a scope yet
                             waiting.append(rt)
-                if not groups and not code_scopes and not waiting:
+                if not groups and not code_scopes:
+                    if waiting:
+                        try:
+                            stack = tuple(map(frame_ids.__getitem__, frames))
+                        except KeyError:
+                            stack = self._intern_frames(frames)
+                        if len(stack) >= max_native_depth:
+                            stack += (truncated_marker(1),)
+                        for rt in waiting:
+                            pending.setdefault(rt, []).append((stack, cpu_ns, ts))
                     continue
                 try:  # every frame seen before (the common case): one pass in C
                     stack = tuple(map(frame_ids.__getitem__, frames))
@@ -664,10 +673,6 @@ class NativeTier:
                     stack = self._intern_frames(frames)
                 if len(stack) >= max_native_depth:
                     stack += (truncated_marker(1),)
-                if not groups and not code_scopes:
-                    for rt in waiting:
-                        pending.setdefault(rt, []).append((stack, cpu_ns, ts))
-                    continue
                 if groups:
                     tid, name = groups[0][0], groups[0][1]
                 else:
