@@ -315,6 +315,28 @@ def test_per_request_mode_keeps_one_profile_per_record() -> None:
         assert request.dictionary.link_table[s.link_index].trace_id == record.link.trace_id  # type: ignore[union-attr]
 
 
+def test_attribute_values_equal_in_python_stay_apart() -> None:
+    """True == 1 == 1.0 in Python, yet they are three attribute values (the encoder memoises
+    attributes by value); an unhashable value (a list) is encoded as well."""
+    records = []
+    for value in (True, 1, 1.0, ["a", "b"], True):
+        rec = make_record(route="/a")
+        rec.attributes["flag"] = value  # type: ignore[index]
+        records.append(rec)
+    request = round_trip(encode_profiles(records, merge=False))
+    check_request(request)
+    seen = [
+        attrs(request, p.attribute_indices)["flag"] for p in by_type(request)[("samples", "count")]
+    ]
+    assert [(type(v), v) for v in seen] == [
+        (bool, True),
+        (int, 1),
+        (float, 1.0),
+        (list, ["a", "b"]),
+        (bool, True),
+    ]
+
+
 def test_merged_profiles_of_one_batch_share_a_fresh_profile_id() -> None:
     rec = make_record()
     first = profiles_of(encode_profiles([rec]))

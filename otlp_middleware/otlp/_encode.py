@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
@@ -45,7 +46,6 @@ from opentelemetry.proto.profiles.v1development.profiles_pb2 import (
     Profile,
     ProfilesDictionary,
     ResourceProfiles,
-    Sample,
     ScopeProfiles,
     Stack,
     ValueType,
@@ -197,10 +197,6 @@ class _ProfileAcc:
     def add(self, key: _SampleKey, value: int) -> None:
         self.samples[key] = self.samples.get(key, 0) + value
 
-    def widen(self, start_ns: int, end_ns: int) -> None:
-        self.start_ns = min(self.start_ns, start_ns)
-        self.end_ns = max(self.end_ns, end_ns)
-
     def to_proto(self, d: _Dictionary) -> Profile:
         profile = Profile(
             sample_type=d.value_type(*self.sample_type),
@@ -211,11 +207,10 @@ class _ProfileAcc:
             duration_nano=max(self.end_ns - self.start_ns, 0),
             profile_id=self.profile_id,
             attribute_indices=self.attribute_indices,
-            samples=[
-                Sample(stack_index=s, link_index=lk, attribute_indices=attrs, values=[v])
-                for (s, lk, attrs), v in self.samples.items()
-            ],
         )
+        add = profile.samples.add  # in place: faster than Sample objects appended
+        for (s, lk, attrs), v in self.samples.items():
+            add(stack_index=s, link_index=lk, attribute_indices=attrs, values=(v,))
         if self.original_payload:
             profile.original_payload_format = ORIGINAL_PAYLOAD_FORMAT
             profile.original_payload = self.original_payload
@@ -230,6 +225,7 @@ class _Encoder:
         self._stacks: dict[tuple[int, ...], int] = {}
         self._threads: dict[tuple[int, str], tuple[int, int]] = {}
         self._cpython_attr: int | None = None
+        self._attribute_memo: dict[tuple[str, type, object], int] = {}
 
     # -- ProfileRecord -------------------------------------------------------------------
 
@@ -273,25 +269,38 @@ class _Encoder:
             )
         return pair if thread_name else pair[:1]
 
+    def _attribute(self, key: str, value: Any) -> int:
+        """The index of attribute ``key=value`` (a Python value), memoised per value."""
+        memo_key = (key, value.__class__, value)  # the class: True and 1 are different values
+        try:
+            idx = self._attribute_memo.get(memo_key)
+        except TypeError:  # unhashable (a list): not memoised
+            return self.d.attribute(key, AttributeValue.from_python(value))
+        if idx is None:
+            idx = self.d.attribute(key, AttributeValue.from_python(value))
+            self._attribute_memo[memo_key] = idx
+        return idx
+
     def add_record(
         self, rec: ProfileRecord, accs: dict[object, _ProfileAcc], merge: bool, batch_id: bytes
     ) -> None:
-        heap = [h for h in rec.heap_samples if h.alloc_objects or h.alloc_bytes or h.inuse_bytes]
+        # Runs for every exported request (most with one or two samples): the sums and the
+        # span's widening are inline, and the attributes memoised.
+        heap: Sequence[HeapSample] = rec.heap_samples
+        if heap:
+            heap = [h for h in heap if h.alloc_objects or h.alloc_bytes or h.inuse_bytes]
         if not rec.cpu_samples and not heap:
             return  # intern nothing for a record that sends nothing
         link = self.d.link(rec.link)
+        attributes = rec.attributes
         request_attrs = tuple(
-            self.d.attribute(k, AttributeValue.from_python(rec.attributes[k]))
-            for k in self.sample_attribute_keys
-            if k in rec.attributes
+            self._attribute(k, attributes[k]) for k in self.sample_attribute_keys if k in attributes
         )
         profile_attrs: tuple[int, ...] = ()
         if not merge:
-            profile_attrs = tuple(
-                self.d.attribute(k, AttributeValue.from_python(v))
-                for k, v in sorted(rec.attributes.items())
-            )
-        span = (rec.start_time_ns, rec.start_time_ns + rec.duration_ns)
+            profile_attrs = tuple(self._attribute(k, v) for k, v in sorted(attributes.items()))
+        start_ns = rec.start_time_ns
+        end_ns = start_ns + rec.duration_ns
         for samples, types, period, period_type in (
             (rec.cpu_samples, _CPU_TYPES, rec.cpu_period_ns, _CPU_PERIOD_TYPE),
             (heap, _HEAP_TYPES, rec.heap_period_bytes, _HEAP_PERIOD_TYPE),
@@ -315,15 +324,20 @@ class _Encoder:
                         period_type=period_type,
                         period=period,
                         profile_id=batch_id if merge else rec.profile_id,
-                        start_ns=span[0],
-                        end_ns=span[1],
+                        start_ns=start_ns,
+                        end_ns=end_ns,
                         attribute_indices=profile_attrs,
                     )
-                else:
-                    acc.widen(*span)
-                for key, v in zip(keys, map(value_of, samples), strict=True):  # type: ignore[arg-type]
+                else:  # acc.widen, inline
+                    if start_ns < acc.start_ns:
+                        acc.start_ns = start_ns
+                    if end_ns > acc.end_ns:
+                        acc.end_ns = end_ns
+                sums = acc.samples
+                for key, sample in zip(keys, samples, strict=True):
+                    v = value_of(sample)  # type: ignore[arg-type]
                     if v:
-                        acc.add(key, v)
+                        sums[key] = sums.get(key, 0) + v
 
     # -- BuiltProfile --------------------------------------------------------------------
 
