@@ -16,6 +16,7 @@ in the handler, in the main thread, in the process (see ``split_snapshot``).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -48,6 +49,8 @@ def handler_work(chunks: int = WORK) -> int:
 SPLIT_FILE = os.environ.get("BENCH_SPLIT")
 # [requests, handler CPU ns] while BENCH_SPLIT is set
 _split = [0, 0]
+_gc_started = [0.0]
+_gc_time = [0.0, 0.0, 0.0]  # seconds the garbage collector took, by generation
 
 
 def split_snapshot(signum: int = 0, frame: Any = None) -> None:
@@ -66,6 +69,8 @@ def split_snapshot(signum: int = 0, frame: Any = None) -> None:
         "main_s": time.thread_time(),
         "process_s": time.process_time(),
         "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+        "gc_collections": [g["collections"] for g in gc.get_stats()],
+        "gc_s": _gc_time[:],
     }
     with open(SPLIT_FILE, "a") as f:
         f.write(json.dumps(line) + "\n")
@@ -84,6 +89,15 @@ if SPLIT_FILE is not None:
         return x
 
     signal.signal(signal.SIGUSR2, split_snapshot)
+
+    def _time_gc(phase: str, info: dict[str, int]) -> None:
+        # the garbage collector's time by generation, on the thread it ran on
+        if phase == "start":
+            _gc_started[0] = time.thread_time()
+        else:
+            _gc_time[info["generation"]] += time.thread_time() - _gc_started[0]
+
+    gc.callbacks.append(_time_gc)
 
 
 async def bare_app(scope: Any, receive: Any, send: Any) -> None:

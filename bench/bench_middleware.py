@@ -323,15 +323,20 @@ def same_process_rounds(
     return ratios, cpu_diffs, main_diffs
 
 
-SPLIT_PARTS = ("handler", "rest of main thread", "other threads")
+SPLIT_PARTS = (
+    "handler",
+    "rest of main thread",
+    "other threads",
+    "of these, garbage collection",
+)
 # Minor page faults per request above which a server's figures are suspect (see read_split).
 FAULTS_SUSPECT = 0.2
 
 
-def read_split(path: str) -> tuple[float, float, float, float]:
+def read_split(path: str) -> tuple[float, float, float, float, float]:
     """Per request between the last two ``BENCH_SPLIT`` snapshots of a server: its handler's
-    work, the rest of its main thread and its other threads (us, see ``bench/app.py``), and
-    its minor page faults.
+    work, the rest of its main thread, its other threads, the garbage collector's time on
+    any of them (us, see ``bench/app.py``), and its minor page faults.
 
     A warm server takes almost no page faults. One that takes one or more per request has
     most likely fallen into a glibc allocator cycle that is not the profiler's own work: when
@@ -351,7 +356,14 @@ def read_split(path: str) -> tuple[float, float, float, float]:
     main = after["main_s"] - before["main_s"]
     process = after["process_s"] - before["process_s"]
     faults = after["minor_faults"] - before["minor_faults"]
-    return handler / n * 1e6, (main - handler) / n * 1e6, (process - main) / n * 1e6, faults / n
+    collector = sum(after["gc_s"]) - sum(before["gc_s"])
+    return (
+        handler / n * 1e6,
+        (main - handler) / n * 1e6,
+        (process - main) / n * 1e6,
+        collector / n * 1e6,
+        faults / n,
+    )
 
 
 def side_by_side_rounds(
@@ -363,7 +375,7 @@ def side_by_side_rounds(
     connections: int,
     extra: dict[str, str],
     split: bool = False,
-) -> tuple[list[float], list[tuple[float, float, float]]]:
+) -> tuple[list[float], list[tuple[float, ...]]]:
     """Ratios of ``mode``'s throughput to ``base_mode``'s, the two served at the same time,
     and with ``split`` the differences of their CPU per request, part by part.
 
@@ -384,7 +396,7 @@ def side_by_side_rounds(
     page faults per request or more is reported on stderr (see ``read_split``).
     """
     ratios: list[float] = []
-    splits: list[tuple[float, float, float]] = []
+    splits: list[tuple[float, ...]] = []
     for _ in range(rounds):
         files: dict[str, str] = {}  # "base", "other" -> its BENCH_SPLIT file
         if split:
@@ -412,11 +424,11 @@ def side_by_side_rounds(
             stop_servers([base, other])
         if split:
             o, b = read_split(files["other"]), read_split(files["base"])
-            splits.append((o[0] - b[0], o[1] - b[1], o[2] - b[2]))
+            splits.append(tuple(o[i] - b[i] for i in range(len(SPLIT_PARTS))))
             for name, parts in ((mode, o), (base_mode, b)):
-                if parts[3] >= FAULTS_SUSPECT:
+                if parts[-1] >= FAULTS_SUSPECT:
                     print(
-                        f"  caution: the {name} server of this round took {parts[3]:.2f} page "
+                        f"  caution: the {name} server of this round took {parts[-1]:.2f} page "
                         "faults per request (a glibc allocator cycle? see read_split)",
                         file=sys.stderr,
                     )
