@@ -852,35 +852,6 @@ def test_stats_count_guarded_walks(native: ModuleType) -> None:
     assert {"faults", "walk_fallbacks", "walk_rejected"} <= stats.keys()
 
 
-def test_root_code_frames_carry_minus_their_id(native: ModuleType) -> None:
-    """A frame running a registered root code is a root by itself: its samples carry -id."""
-    native.start(999)
-
-    def request_root() -> int:
-        frame = sys._getframe()  # materialises the frame object the handler keys on
-        burst(0.15)
-        return id(frame)
-
-    native.add_root_code(request_root.__code__)
-    native.add_root_code(request_root.__code__)  # idempotent
-    with pytest.raises(TypeError):
-        native.add_root_code(request_root)
-    keys: list[int] = []
-
-    def body() -> None:
-        native.arm_thread(0)
-        try:
-            keys.append(request_root())
-            burst(0.05)  # outside: no root, token 0: dropped
-        finally:
-            native.disarm_thread()
-
-    run_in_thread(body)
-    samples = native.drain()
-    assert samples
-    assert {s[1] for s in samples} == {(-keys[0],)}
-
-
 # --------------------------------------------------------------------------- request path in C
 
 
@@ -1060,62 +1031,16 @@ def test_a_code_scopes_c_fields_read_and_set_as_attributes(native: ModuleType) -
     assert ref() is None
 
 
-def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
-    native: ModuleType,
-) -> None:
-    """open_scope makes the scope only where the lean path applies; release_scope queues it
-    with its finish and forgets it in code_roots; code_opens counts the scopes made."""
-    import collections
-
+def test_a_code_scope_makes_its_sample_store_when_it_takes_its_first_sample() -> None:
+    """A request's ``CodeScope`` (made without ``__init__``, as ``request_scope`` makes it)
+    shares the class's empty placeholders until its first sample; then it has its own."""
     from otlp_middleware.profiling._scope import CodeScope
     from otlp_middleware.types import CpuSample
 
-    def root() -> FrameType:
-        return sys._getframe()
-
-    def other() -> FrameType:
-        return sys._getframe()
-
-    native.add_root_code(root.__code__)
-    code_roots: dict[int, Any] = {}
-    frame = root()
-    from otlp_middleware.profiling import CpuProfilerConfig
-
-    period = CpuProfilerConfig().period_ns
-    native.start(1e9 / period)  # as the engine starts it
-    results: dict[str, Any] = {}
-
-    def body() -> None:
-        results["unarmed"] = native.open_scope(CodeScope, code_roots, frame, period, 64, None)
-        native.arm_thread(0)
-        try:
-            results["wrong_period"] = native.open_scope(
-                CodeScope, code_roots, frame, period + 1, 64, None
-            )
-            results["not_a_root"] = native.open_scope(
-                CodeScope, code_roots, other(), period, 64, None
-            )
-            opens = native.code_opens()
-            results["scope"] = native.open_scope(CodeScope, code_roots, frame, period, 64, 10**9)
-            results["opens"] = native.code_opens() - opens
-            results["second"] = native.open_scope(CodeScope, code_roots, frame, period, 64, None)
-        finally:
-            native.disarm_thread()
-
-    before = time.time_ns()
-    run_in_thread(body)
-    assert results["unarmed"] is None and results["wrong_period"] is None
-    assert results["not_a_root"] is None and results["second"] is None
-    scope = results["scope"]
-    assert isinstance(scope, CodeScope) and results["opens"] == 1
-    assert code_roots == {-id(frame): scope} and scope.root_key == -id(frame)
-    assert scope.period_ns == period and scope.max_depth == 64 and scope.mark >= 0
-    assert before <= scope.opened_ns <= time.time_ns()
-    assert scope.deadline_ns == scope.opened_ns + 10**9
+    scope = CodeScope.__new__(CodeScope)
+    other_scope = CodeScope.__new__(CodeScope)
     assert list(scope.samples) == [] and scope.methods == {} and scope.closed_ns is None
-    # no store is made at the open: the first sample taken (or a child scope) makes it
     assert "samples" not in vars(scope) and "methods" not in vars(scope)
-    other_scope = CodeScope.__new__(CodeScope)  # made as open_scope makes one
     sample = CpuSample((1,), 1, "t", 5, 5, time.time_ns())
     scope.take(sample, "native")
     assert list(scope.samples) == [sample] and scope.methods == {"native": 1}
@@ -1123,12 +1048,6 @@ def test_open_scope_registers_a_code_root_once_and_release_hands_it_on(
     assert not CodeScope.samples and CodeScope.methods == {}
     store = other_scope.sample_store()
     assert store == (other_scope.samples, other_scope.methods) and store[0] is not scope.samples
-    released: collections.deque[Any] = collections.deque()
-    native.release_scope(code_roots, released, scope, print)
-    assert list(released) == [scope] and scope.finish is print and code_roots == {}
-    assert list(scope.samples) == [sample]
-    with pytest.raises(TypeError):
-        native.open_scope(CodeScope, code_roots, "not a frame", period, 64, None)
 
 
 def test_the_frame_cache_names_the_code_that_ran_when_addresses_are_reused(
@@ -1206,8 +1125,13 @@ def test_request_watchers_tag_and_count_only_their_own_open_requests(native: Mod
         return watcher
 
     native.add_root_code(root.__code__, _local_slot(root.__code__, "watcher"))
+    native.add_root_code(root.__code__, _local_slot(root.__code__, "watcher"))  # idempotent
     with pytest.raises(ValueError, match="not a local"):
         native.add_root_code(burst.__code__, 99)
+    with pytest.raises(TypeError):
+        native.add_root_code(root.__code__)  # a root code names its watcher's slot
+    with pytest.raises(TypeError):
+        native.add_root_code(root, 0)  # a code object, not a function
     period = CpuProfilerConfig().period_ns
     native.start(1e9 / period)
     results: dict[str, Any] = {}

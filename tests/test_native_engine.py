@@ -699,109 +699,53 @@ class _Ring:
         return getattr(self._real, name)
 
 
-def _warm_code_root(engine: Any, frame: Any) -> int:
-    """Register ``frame``'s code as a root code and start and arm the sampler at a period,
-    as a server's first request does; returns the period."""
-    assert engine.register_root_code(frame.f_code)
-    period = 10_101_010
-    engine.close(engine.open_root_scope(frame, period, 128, None))
-    return period
-
-
 @needs_native
 @pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
-def test_a_root_codes_samples_from_before_the_scope_are_not_its_own() -> None:
-    """A request found by its code matches samples by frame id *and* time.
+def test_a_released_request_gets_the_samples_tagged_with_its_watcher() -> None:
+    """The ASGI request path ends its request watcher and hands it to the collector.
 
-    Frame addresses are reused: a sample that an earlier frame at the same address left in
-    the ring (a request that ended between the last drain and its frame's exit) is older
-    than the scope that now holds the address, and is not given to it. An engine of its
-    own, on the real extension with ``drain`` replaced, hands it exactly such samples.
+    The next drain makes the request's scope and gives it exactly the samples tagged with
+    its watcher (the handler tags only while it is open), whatever their time stamps say (a
+    step of the wall clock), and none of another request's. Then ``finish`` is called once,
+    and nothing is left behind. An engine of its own, on the real extension with ``drain``
+    replaced, hands it exactly such samples.
     """
     from otlp_middleware.profiling import _cpu_native
     from otlp_middleware.profiling._engine import Engine
 
     ring = _Ring(_cpu_native, [])
     engine = Engine(native_module=ring)
+    finished: list[list[int]] = []
 
-    def request_root() -> list[object]:
-        frame = sys._getframe()
-        period = _warm_code_root(engine, frame)
-        scope = engine.open_root_scope(frame, period, 128, None)
-        assert scope.code_root
-        frames = (("request_root", __file__, 1, 2),)
-        key = -id(frame)
+    def finish(watcher: Any, scope: Any) -> None:
+        finished.append([s.cpu_ns for s in scope.samples])
+
+    def request() -> None:
+        period = 10_101_010
+        # a server's first request starts the sampler and leaves the thread armed
+        engine.close(engine.open_root_scope(sys._getframe(), period, 128, None))
+        watcher = engine.watch_request(print, period, 128, None)
+        assert watcher is not None and watcher.open
+        time.sleep(0.001)
+        assert engine.finish_request(watcher) is True  # no sample of its own was counted
+        frames = (("request", __file__, 1, 2),)
+        tag = watcher.tag
         ring.give(
             [
-                (0, (key,), 1, 5_000_000, scope.opened_ns - 1, frames),  # the earlier frame's
-                (0, (key,), 1, 7_000_000, scope.opened_ns + 1, frames),  # this scope's
-                (0, (key + 8,), 1, 9_000_000, scope.opened_ns + 2, frames),  # another frame's
+                (0, (tag,), 1, 1_000, watcher.opened_ns, frames),
+                (0, (tag - 1,), 1, 2_000, watcher.opened_ns, frames),  # another request's
+                (0, (tag,), 1, 3_000, watcher.closed_ns, frames),
+                (0, (tag,), 1, 4_000, watcher.opened_ns - 10**9, frames),  # the clock stepped
             ]
         )
-        engine.close(scope)
-        return list(scope.samples)
-
-    try:
-        got = request_root()
-    finally:
-        engine.uninstall()
-        _cpu_native.disarm_thread()
-    assert [s.cpu_ns for s in got] == [7_000_000]
-
-
-@needs_native
-@pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
-def test_released_request_scopes_get_their_samples_by_time() -> None:
-    """The ASGI request path ends its scope and hands it to the collector (no drain there).
-
-    A later drain gives each released scope exactly the samples taken between its open and
-    its end, also when the next request's frame already holds the same address (the same
-    key): one before, one between and one in the next scope. Then ``finish`` is called,
-    once per scope, and nothing is left behind. An engine of its own, on the real
-    extension with ``drain`` replaced, hands it exactly such samples.
-    """
-    from otlp_middleware.profiling import _cpu_native
-    from otlp_middleware.profiling._engine import Engine
-
-    ring = _Ring(_cpu_native, [])
-    engine = Engine(native_module=ring)
-    finished: list[tuple[str, list[int]]] = []
-
-    def finish(name: str) -> Callable[[Any], None]:
-        return lambda scope: finished.append((name, [s.cpu_ns for s in scope.samples]))
-
-    def request_root() -> None:
-        frame = sys._getframe()
-        period = _warm_code_root(engine, frame)
-        first = engine.open_code_scope(frame, period, 128, None)
-        assert first is not None and first.code_root
-        engine.end_code_scope(first)
-        assert first.closed_ns is not None
-        engine.release_code_scope(first, finish("first"))
-        time.sleep(0.001)  # the "between" sample below is strictly between the two scopes
-        second = engine.open_code_scope(frame, period, 128, None)  # the same frame: same key
-        assert second is not None and second.root_key == first.root_key
-        frames = (("request_root", __file__, 1, 2),)
-        key = first.root_key
-        ring.give(
-            [
-                (0, (key,), 1, 1_000, first.opened_ns - 1, frames),  # before either
-                (0, (key,), 1, 2_000, first.opened_ns, frames),  # the first's
-                (0, (key,), 1, 3_000, first.closed_ns + 1, frames),  # between them
-                (0, (key,), 1, 4_000, second.opened_ns, frames),  # the second's
-            ]
-        )
-        engine.flush_code_scopes()
-        assert finished == [("first", [2_000])]
-        assert [s.cpu_ns for s in second.samples] == [4_000]
-        engine.end_code_scope(second)
-        engine.release_code_scope(second, finish("second"))
+        engine.release_request(watcher, finish)
         engine.flush_code_scopes()
 
     try:
-        request_root()
+        request()
     finally:
         engine.uninstall()
         _cpu_native.disarm_thread()
-    assert finished == [("first", [2_000]), ("second", [4_000])]
+    assert finished == [[1_000, 3_000, 4_000]]
+    assert [len(v) for v in engine._pending.values()] == [1]  # the other request's, waiting
     assert not engine._code_roots and not engine._released and not engine._finished

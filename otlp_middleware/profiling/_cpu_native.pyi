@@ -39,9 +39,7 @@ period, that happens only above twice the tick rate (125 Hz with a 250 Hz tick).
 """
 
 from types import CodeType, FrameType
-from typing import Any, TypeVar
-
-_T = TypeVar("_T")
+from typing import Any
 
 #: The real-time signal the timers deliver (SIGRTMIN+3).
 SIGNAL: int
@@ -112,14 +110,13 @@ def add_root(frame: FrameType, token: int) -> bool:
     token. The frame is kept alive until :func:`remove_root` or :func:`stop`. Returns
     :func:`thread_armed`."""
 
-def add_root_code(code: CodeType, slot: int = -1) -> None:
-    """Make every frame running ``code`` a root by itself. With ``slot`` -1, its samples carry
-    ``-id(frame)`` in their root tokens (when the frame has a frame object). Else ``slot``
-    is the index of one of the code's fast locals: a frame whose local there holds an open
-    request watcher (:func:`watch_request`) tags its samples with the watcher's ``tag`` and
-    counts them in its ``samples``; any other value, no tag. Permanent (survives
-    :func:`stop`); idempotent (a code keeps its first slot). Raises RuntimeError when the
-    small fixed table (16 codes) is full, ValueError for a slot that is not a local."""
+def add_root_code(code: CodeType, slot: int) -> None:
+    """Make every frame running ``code`` a request's root: ``slot`` is the index of one of the
+    code's fast locals, and a frame whose local there holds an open request watcher
+    (:func:`watch_request`) tags its samples with the watcher's ``tag`` and counts them in
+    its ``samples``; any other value, no tag. Permanent (survives :func:`stop`); idempotent
+    (a code keeps its first slot). Raises RuntimeError when the small fixed table (16 codes)
+    is full, ValueError for a slot that is not a local."""
 
 def remove_root(frame: FrameType) -> bool:
     """Forget a root frame; returns whether it was registered."""
@@ -209,24 +206,5 @@ class SendWatcher:
     def __init__(self, send: Any, scope: Any) -> None: ...
     def __call__(self, message: Any) -> Any: ...
 
-def open_scope(
-    cls: type[_T],
-    code_roots: dict[int, Any],
-    frame: FrameType,
-    period_ns: int,
-    max_depth: int,
-    max_duration_ns: int | None,
-) -> _T | None:
-    """A new scope on ``frame`` (an instance of ``cls`` made without ``__init__``, with
-    ``thread_id``, ``period_ns``, ``max_depth``, ``opened_ns``, ``deadline_ns``, ``mark`` and
-    ``root_key`` set; ``samples`` and ``methods`` are the class's until it takes a sample),
-    registered as ``code_roots[-id(frame)]``; None unless the sampler runs at ``period_ns``,
-    the calling thread is armed, ``frame`` runs a registered root code and holds no scope in
-    ``code_roots``."""
-
-def release_scope(code_roots: dict[int, Any], released: Any, scope: Any, finish: Any) -> None:
-    """``scope.finish = finish``; ``released.append(scope)``; then delete
-    ``code_roots[scope.root_key]`` if it is ``scope``."""
-
 def code_opens() -> int:
-    """The number of scopes ``open_scope`` has made (never reset)."""
+    """The number of request watchers :func:`watch_request` has made (never reset)."""

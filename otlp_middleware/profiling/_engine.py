@@ -241,15 +241,7 @@ class Engine(NativeTier):
     def open_root_scope(
         self, root_frame: FrameType, period_ns: int, max_depth: int, max_duration_ns: int | None
     ) -> Scope:
-        """``open_frame_scope`` without off-CPU sampling, positional: the request path's call.
-
-        A frame running a registered root code (``register_root_code``) takes the leanest
-        path when it can (``open_code_scope``).
-        """
-        if self._native is not None:
-            scope = self.open_code_scope(root_frame, period_ns, max_depth, max_duration_ns)
-            if scope is not None:
-                return scope
+        """``open_frame_scope`` without off-CPU sampling, positional: the request path's call."""
         return self._open_scope(root_frame, period_ns, False, max_duration_ns, max_depth)
 
     def _open_scope(

@@ -12,20 +12,18 @@ The request path is the hot case, kept lean in three steps:
 - an async root scope that only this tier samples stays out of the per-thread snapshots the
   other tiers read (``_native_roots``);
 - frames running a *root code* (``register_root_code``: the ASGI middleware's per-request
-  coroutine) are roots by themselves: the handler tags their samples with ``-id(frame)``, so
-  such a scope (``_code_roots``) needs no token and no call into the extension at all. It is
-  matched to its samples by frame id and by time, since a frame's address is reused only
-  after the frame is gone.
+  coroutine) are roots by themselves: the handler reads the request watcher
+  (``watch_request``) in the frame's watcher local and tags the samples with its unique tag,
+  so a request registers nothing; only one that took samples gets a scope, made on the
+  collector thread (``request_scope``, ``release_request``).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import functools
 import itertools
 import logging
-import operator
 import threading
 import time
 from collections.abc import Callable
@@ -50,14 +48,11 @@ def load_native() -> Any:
     return _cpu_native
 
 
-_opened_ns = operator.attrgetter("opened_ns")
-
-
 def _no_code_scope(*args: Any) -> None:
     return None  # no native tier: the caller takes the general path
 
 
-# Root tags of request watchers (the extension's WATCH_TAG: far below every -id(frame)).
+# Root tags of request watchers (the extension's WATCH_TAG), far below every other token.
 WATCH_TAGS_BELOW = -(1 << 62)
 # Running requests whose samples ``collect`` holds until their scope is released.
 MAX_PENDING_REQUESTS = 4096
@@ -96,37 +91,8 @@ class NativeTier:
     _collector: Collector | None
     errors: RateLimitedLog
     end_code_scope: Callable[[Scope], None]
-    """A code scope's end (its response is complete): samples after it are not its own.
-
-    Idempotent; sets ``closed_ns`` and ``quiet`` (no sample at all was published between
-    the open and the end). The scope stays registered while its frame lives: then
-    ``drop_code_scope`` or ``release_code_scope``. The extension's ``end_scope``: no
-    Python frame on the request path."""
-    finish_code_scope: Callable[[Scope], bool]
-    """``end_code_scope``, then, if the scope is ``quiet`` (it cannot have samples), forget it
-    (``drop_code_scope``); returns ``quiet``. The extension's ``finish_scope``: no Python
-    frame on the request path."""
-    open_code_scope: Callable[[FrameType, int, int, int | None], Scope | None]
-    """``open_code_scope(root, period_ns, max_depth, max_duration_ns)``: the request path at
-    its leanest, a scope on a frame running a registered root code, or None (then the
-    caller takes the general path).
-
-    Taken when the sampler already runs at ``period_ns`` and the calling thread is armed,
-    which is the case from a server's second profiled request on. The handler knows the
-    frame by its code, so opening takes no lock and makes no token: it is one call into the
-    extension (``open_scope``), which makes the ``CodeScope`` and enters it in
-    ``_code_roots``, where ``collect`` finds it by frame id. A sample belongs to it if it
-    was taken after the scope opened: a frame's address is reused only once the frame is
-    gone, so an earlier frame's late sample is older than the scope."""
-    release_code_scope: Callable[[Scope, Callable[[Scope], None]], None]
-    """``release_code_scope(scope, finish)``: hand an ended code scope that may have samples
-    to the collector.
-
-    Its samples may still be in the ring: the collector's next drain gives them to it, then
-    calls ``finish(scope)`` on the collector thread (or in ``flush_code_scopes``). So the
-    request path never drains the ring nor builds a record. The extension's
-    ``release_scope`` (it appends to ``_released``, then forgets the scope in
-    ``_code_roots``)."""
+    """A code scope's end (its request's response is complete): samples after it are not
+    its own. Idempotent; sets ``closed_ns`` (and ``quiet``). The extension's ``end_scope``."""
     watch_request: Callable[[Any, int, int, int | None], Any]
     """``watch_request(send, period_ns, max_depth, max_duration_ns)``: the ASGI request path
     at its leanest, a request watcher, or None (then the caller takes the general path).
@@ -171,25 +137,16 @@ class NativeTier:
         self._root_tokens: dict[int, int] = {}  # id(root frame) -> current token
         # id(root frame) -> the lean root scopes on it (see ``_add_native_root``)
         self._native_roots: dict[int, tuple[Scope, ...]] = {}
-        # -id(frame) -> the scope rooted there, at a registered root code (``open_code_scope``);
-        # changed without the engine lock (single dict operations)
+        # a running request watcher's tag -> its scope, made while it runs for work it
+        # offloads to other threads (``request_scope``); changed without the engine lock
+        # (single dict operations)
         self._code_roots: dict[int, Scope] = {}
-        self.finish_code_scope = (
-            functools.partial(real.finish_scope, self._code_roots)
-            if real is not None
-            else _needs_extension
-        )
         self._code_opens_seen = 0  # the extension's code_opens() when the collector last looked
         self._last_drained = 0  # samples the last drain took (the collector paces itself)
-        # Code scopes released by their request (``release_code_scope``) whose samples the
-        # next drain may still hold, then those collected whose ``finish`` is due.
-        self._released: collections.deque[Scope] = collections.deque()
+        # Request watchers released by their request (``release_request``) whose samples the
+        # next drain may still hold, then the scopes collected whose ``finish`` is due.
+        self._released: collections.deque[Any] = collections.deque()
         self._finished: collections.deque[Scope] = collections.deque()
-        self.release_code_scope = (
-            functools.partial(real.release_scope, self._code_roots, self._released)
-            if real is not None
-            else _needs_extension
-        )
         self.release_request = (
             functools.partial(real.release_request, self._released)
             if real is not None
@@ -203,17 +160,16 @@ class NativeTier:
         self._sync_code_opener()
 
     def _sync_code_opener(self) -> None:
-        """Point ``open_code_scope`` at the extension while the native tier is in use."""
+        """Point ``watch_request`` at the extension while the native tier is in use."""
         real = self._native_module
         if real is not None and self._native is not None:
-            self.open_code_scope = functools.partial(real.open_scope, CodeScope, self._code_roots)
             self.watch_request = real.watch_request
         else:
-            self.open_code_scope = _no_code_scope
             self.watch_request = _no_code_scope
 
     def new_code_opens(self) -> bool:
-        """Whether code scopes opened since the last call (they keep the sampler running)."""
+        """Whether request watchers were made since the last call (they keep the sampler
+        running)."""
         real = self._native_module
         opens = real.code_opens() if real is not None else 0
         new, self._code_opens_seen = opens != self._code_opens_seen, opens
@@ -241,28 +197,25 @@ class NativeTier:
         self._wake_collector()
         return True
 
-    def register_root_code(self, code: CodeType, watcher: str | None = None) -> bool:
+    def register_root_code(self, code: CodeType, watcher: str) -> bool:
         """Make every frame running ``code`` a root the signal handler recognises by itself.
 
-        For the code a request runs under (the ASGI middleware's per-request coroutine):
-        its scopes then skip ``add_root``/``remove_root`` and their token bookkeeping. Without
-        ``watcher``, a frame is matched to its scope (``open_code_scope``) by frame id and
-        time. With ``watcher``, the name of a plain local of ``code``, a frame is its
-        request's root while that local holds an open request watcher (``watch_request``),
-        and none otherwise. Permanent for the process (the first registration of a code
-        stays); False where the native sampler is unavailable.
+        For the code a request runs under (the ASGI middleware's per-request coroutine), so
+        its requests skip ``add_root``/``remove_root`` and their token bookkeeping:
+        ``watcher`` names a plain local of ``code``, and a frame is its request's root while
+        that local holds an open request watcher (``watch_request``), and none otherwise.
+        Permanent for the process (the first registration of a code stays); False where the
+        native sampler is unavailable.
         """
         native = self._native_module
         if native is None:
             return False
-        slot = -1 if watcher is None else _local_slot(code, watcher)
         try:
-            native.add_root_code(code, slot)  # idempotent
+            native.add_root_code(code, _local_slot(code, watcher))  # idempotent
         except RuntimeError as exc:  # more than the extension's small fixed table
             logger.debug("otlp_middleware: root code not registered: %s", exc)
             return False
-        if watcher is not None:
-            self._watch_codes.setdefault(code, watcher)
+        self._watch_codes.setdefault(code, watcher)
         return True
 
     def request_scope(self, watcher: Any) -> Scope:
@@ -381,18 +334,16 @@ class NativeTier:
     def code_scope_on_stack(self, frame: FrameType | None) -> Scope | None:
         """The open code scope of the innermost frame from ``frame`` outwards that has one.
 
-        A frame is in ``_code_roots`` only from its scope's open to its finish, while the
-        frame runs, so a frame found there is that scope's root (its address is not reused
-        meanwhile). A scope whose response has ended is not returned.
+        A frame running a registered root code whose watcher local holds an open request
+        watcher: that request's scope, made on first use (``request_scope``). A request whose
+        response has ended has none.
         """
-        code_roots = self._code_roots
         watch_codes = self._watch_codes
-        watcher_type = self._native_module.SendWatcher if watch_codes else ()
+        if not watch_codes:
+            return None
+        watcher_type = self._native_module.SendWatcher
         while frame is not None:
-            scope = code_roots.get(-id(frame))
-            if scope is not None:
-                return scope if scope.closed_ns is None else None
-            name = watch_codes.get(frame.f_code) if watch_codes else None
+            name = watch_codes.get(frame.f_code)
             if name is not None:
                 watcher = frame.f_locals.get(name)
                 if isinstance(watcher, watcher_type) and watcher.open:
@@ -401,12 +352,12 @@ class NativeTier:
         return None
 
     def close_code_scope(self, scope: Scope) -> None:
-        """Close a scope ``open_code_scope`` made, at once (idempotent).
+        """Close a request's code scope (``request_scope``) at once (idempotent).
 
         If no sample at all was published since it opened (``mark`` unchanged), none can be
         its own; otherwise the ring is drained now, while the scope is still registered, so
-        the scope has its samples when this returns. (The ASGI request path instead ends
-        its scope with ``end_code_scope`` and hands it to the collector.)
+        the scope has its samples when this returns. (The ASGI request path instead ends its
+        request watcher, and with it the scope, and hands it to the collector.)
         """
         if scope.closed_ns is not None:
             return
@@ -446,22 +397,20 @@ class NativeTier:
                 except Exception:
                     self.errors.exception("otlp_middleware: finishing a request's profile failed")
 
-    def _released_scope(self, key: int, ts: int, closing: dict[int, list[Scope]]) -> Scope | None:
-        """The released code scope at frame ``key`` whose time span holds ``ts``, if any.
+    def _released_scope(self, tag: int, closing: dict[int, Scope]) -> Scope | None:
+        """The scope of the released request watcher ``tag`` names, if it was released.
 
-        ``closing[key]`` holds the scopes of successive frames at one address, so their
-        spans are disjoint and in order: a bisection finds the one that may hold ``ts``.
+        A tag is the request's alone, and the handler tags a sample only while its watcher
+        is open: no time to compare (which a step of the wall clock would upset).
         """
-        group = closing.get(key)
-        if group:
-            i = bisect.bisect_right(group, ts, key=_opened_ns) - 1
-            if i >= 0 and ts <= (group[i].closed_ns or ts):
-                return group[i]
+        scope = closing.get(tag)
+        if scope is not None:
+            return scope
         # released after this collect began (its samples may already be in this drain); a
         # copy of the deque: the request path appends to it meanwhile
-        for s in tuple(self._released):
-            if s.root_key == key and s.opened_ns <= ts <= (s.closed_ns or ts):
-                return s if isinstance(s, Scope) else self.request_scope(s)
+        for w in tuple(self._released):
+            if w.root_key == tag:
+                return self.request_scope(w)
         return None
 
     def _released_request(self, watcher: Any) -> Scope:
@@ -625,11 +574,8 @@ class NativeTier:
         released = self._released
         # Released before this drain, so all their samples are in it (a thread's samples are
         # published before its scope ends): finished after it.
-        closing = [released.popleft() for _ in range(len(released))]
-        closing = [s if isinstance(s, Scope) else self._released_request(s) for s in closing]
-        closing_by_key: dict[int, list[Scope]] = {}
-        for scope in closing:  # in release order: by time, per frame address
-            closing_by_key.setdefault(scope.root_key, []).append(scope)
+        closing = [self._released_request(released.popleft()) for _ in range(len(released))]
+        closing_by_key = {scope.root_key: scope for scope in closing}  # a tag per request
         samples = native.drain()  # empty when not started
         self._last_drained = len(samples)
         if samples:
@@ -649,9 +595,9 @@ class NativeTier:
                         if g is not None:
                             groups.append(g)
                     else:
-                        c = code_roots.get(rt)
-                        if c is None or ts < c.opened_ns or ts > (c.closed_ns or ts):
-                            c = self._released_scope(rt, ts, closing_by_key)
+                        c = code_roots.get(rt)  # a running request's (made for its threads)
+                        if c is None:
+                            c = self._released_scope(rt, closing_by_key)
                         if c is not None:
                             code_scopes.append(c)
                         elif rt < WATCH_TAGS_BELOW:  # a running request without a scope yet

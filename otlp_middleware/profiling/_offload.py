@@ -45,12 +45,11 @@ CURRENT_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 def request_scope() -> Scope | None:
     """The CPU scope of the request being served where this is called, if it is profiled.
 
-    The contextvar, else the code scope (``Engine.open_code_scope``, or the request
-    watcher's, ``Engine.request_scope``) of the innermost registered root frame on the
-    calling stack that holds one.
+    The contextvar, else the scope of the request watcher (``Engine.request_scope``) held by
+    the innermost registered root frame on the calling stack that holds an open one.
     """
     scope = CURRENT_SCOPE.get()
-    if scope is None and (ENGINE._code_roots or (ENGINE._watch_codes and ENGINE.open_watchers())):
+    if scope is None and ENGINE._watch_codes and ENGINE.open_watchers():
         scope = ENGINE.code_scope_on_stack(sys._getframe(1))
     return scope
 

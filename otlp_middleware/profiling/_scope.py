@@ -19,7 +19,7 @@ from ..types import CpuSample
 
 try:
     from ._cpu_native import ScopeCore
-except ImportError:  # no extension: no code scope is ever made (open_code_scope gives None)
+except ImportError:  # no extension: no code scope is ever made (no request watcher either)
 
     class ScopeCore:  # type: ignore[no-redef]
         """Stands in for the extension's C fields of a code scope where it is not built."""
@@ -118,14 +118,13 @@ class Scope:
 
 
 class CodeScope(ScopeCore, Scope):
-    """A scope on a frame running a registered root code (``Engine.open_code_scope``).
+    """The scope of an ASGI request's watcher (``Engine.request_scope``).
 
-    Made for every profiled request of an async app, by the extension, without ``__init__``.
-    What the request path reads and writes (the times, the mark, ``quiet``, ``root_key``,
-    ``finish``) are C fields of the extension's ``ScopeCore``, not entries of the instance
-    dict. Most never take a sample (at 99 Hz about 9 in 10 requests of a few milliseconds),
-    so ``samples`` and ``methods`` are empty placeholders of the class until the first
-    ``take`` gives the scope its own.
+    Made without ``__init__``, only for a request that took samples or offloads work to
+    threads. Its times, mark, ``quiet``, ``root_key`` and ``finish`` are C fields of the
+    extension's ``ScopeCore``, not entries of the instance dict; ``samples`` and
+    ``methods`` are empty placeholders of the class until the first ``take`` gives the
+    scope its own.
     """
 
     native_tier = True

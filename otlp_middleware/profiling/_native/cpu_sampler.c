@@ -234,16 +234,13 @@ static int g_guard_installed;
 
 static root_t g_roots[ROOT_CAP];
 
-/* Root code objects: any frame running one of them, with a frame object, is a root whose
- * token is minus the frame object's address (id(frame) in Python). Registered once (the
- * middleware's per-request coroutine), they spare the request path an add_root() and a
- * remove_root() per request; the Python side matches the frame to its request by id and by
- * time (a frame address is reused only after the frame is gone). Never removed. */
+/* Root code objects: a frame running one of them is its request's root while the fast
+ * local in its slot holds an open request watcher (watch_request), whose tag its samples
+ * then carry. Registered once (the middleware's per-request coroutine), they spare the
+ * request path an add_root() and a remove_root() per request. Never removed. */
 #define ROOT_CODE_CAP 16
 static _Atomic(PyCodeObject *) g_root_codes[ROOT_CODE_CAP];
-/* A root code's fast-local slot that holds its request's SendWatcher (watch_request), or -1:
- * then the frame itself is the root (minus its frame object's address) */
-static int g_root_slots[ROOT_CODE_CAP];
+static int g_root_slots[ROOT_CODE_CAP]; /* each root code's watcher slot */
 static _Atomic int g_n_root_codes;
 
 /* The ASGI send callable of a profiled request (watch_send, watch_request).  A request
@@ -557,10 +554,9 @@ static inline int is_root_code(PyCodeObject *co)
     return 0;
 }
 
-/* If co is a registered root code, add this frame's root tag: its open request watcher's
- * tag where the code has a watcher slot (none: not a profiled request, no tag), else minus
- * the frame object's address (when it has one). */
-static inline void match_root_code(PyCodeObject *co, void *frame_obj, PyObject **locals,
+/* If co is a registered root code whose watcher slot holds an open request watcher, add
+ * the watcher's tag (none: not a profiled request, no tag). */
+static inline void match_root_code(PyCodeObject *co, PyObject **locals,
                                    int64_t *roots, int *n_roots)
 {
     if (*n_roots >= MAX_ROOTS) {
@@ -572,13 +568,6 @@ static inline void match_root_code(PyCodeObject *co, void *frame_obj, PyObject *
             continue;
         }
         int slot = g_root_slots[i];
-        if (slot < 0) {
-            if (frame_obj != NULL) {
-                tl_walk_watchers[*n_roots] = NULL;
-                roots[(*n_roots)++] = -(int64_t)(uintptr_t)frame_obj;
-            }
-            return;
-        }
         if (locals == NULL || slot >= co->co_nlocals) {
             return;
         }
@@ -725,7 +714,7 @@ static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, PyOb
         if (frame_obj != NULL) {
             match_root(frame_obj, roots, n_roots);
         }
-        match_root_code(co, frame_obj, locals, roots, n_roots);
+        match_root_code(co, locals, roots, n_roots);
     }
     if (*depth < MAX_DEPTH) {
         frame_info(co, addr, &frames[*depth].func, &frames[*depth].line);
@@ -1719,8 +1708,8 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
 static PyObject *py_add_root_code(PyObject *self, PyObject *args)
 {
     PyObject *code;
-    int slot = -1;
-    if (!PyArg_ParseTuple(args, "O|i:add_root_code", &code, &slot)) {
+    int slot;
+    if (!PyArg_ParseTuple(args, "Oi:add_root_code", &code, &slot)) {
         return NULL;
     }
     if (!PyCode_Check(code)) {
@@ -1728,7 +1717,7 @@ static PyObject *py_add_root_code(PyObject *self, PyObject *args)
                      Py_TYPE(code)->tp_name);
         return NULL;
     }
-    if (slot < -1 || slot >= ((PyCodeObject *)code)->co_nlocals) {
+    if (slot < 0 || slot >= ((PyCodeObject *)code)->co_nlocals) {
         PyErr_Format(PyExc_ValueError, "add_root_code(): slot %d is not a local of the code",
                      slot);
         return NULL;
@@ -2027,16 +2016,16 @@ static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
  * microseconds there.  So the two things the adapter does per response message (note the
  * status, end the scope at the last body chunk) and the scope's end are C. */
 
-static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark, *s_root_key;
+static PyObject *s_type, *s_status, *s_more_body, *s_closed_ns, *s_quiet, *s_mark;
 static PyObject *s_response_start, *s_response_body;
-static PyObject *s_finish, *s_append;
+static PyObject *s_append;
 static _Atomic uint64_t g_code_opens;
 
 /* ScopeCore: the C base of CodeScope (see _scope.py).  One is made for every profiled
  * request of an async app, so what the request path reads and writes lives in C fields:
  * no instance dict entries, no int objects for the times and marks.  Python reads and sets
  * them as ordinary attributes; closed_ns and deadline_ns are None when unset.  Other scope
- * objects (tests pass plain ones) take the attribute path in end_scope and forget_scope. */
+ * objects (tests pass plain ones) take the attribute path in end_scope. */
 #define NO_NS INT64_MIN
 
 typedef struct {
@@ -2045,7 +2034,7 @@ typedef struct {
     long long period_ns, max_depth, opened_ns, mark;
     int64_t closed_ns, deadline_ns; /* NO_NS: None */
     char quiet;
-    PyObject *root_key; /* code_roots' key of a code root (-id(frame)); 0 otherwise */
+    PyObject *root_key; /* code_roots' key of a request's scope (its watcher's tag); 0 else */
     PyObject *finish;   /* NULL: None */
 } ScopeCore;
 
@@ -2056,7 +2045,7 @@ static inline int is_core(PyObject *scope)
     return PyObject_TypeCheck(scope, &ScopeCoreType);
 }
 
-/* A scope with Scope's defaults (open_scope sets every field itself). */
+/* A scope with Scope's defaults (request_scope in _native_tier.py sets its fields). */
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     ScopeCore *c = (ScopeCore *)type->tp_alloc(type, 0);
@@ -2157,7 +2146,8 @@ static PyGetSetDef core_getset[] = {
     {"deadline_ns", (getter)core_get_deadline, (setter)core_set_deadline,
      "Unix time after which samples are not kept, or None.", NULL},
     {"root_key", (getter)core_get_root_key, (setter)core_set_root_key,
-     "A code root's key in the engine's code roots (-id(frame)); 0 otherwise.", NULL},
+     "A request scope's key in the engine's code roots (its watcher's tag); 0 otherwise.",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -2215,68 +2205,6 @@ static int lean_args(PyObject *const *args, long long *period, long long *max_de
     check_fork_fast();
     return thread_sampled() &&
            *period == atomic_load_explicit(&g_period_ns, memory_order_relaxed);
-}
-
-/* open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns): the request's
- * scope at a registered root code, made in one call: None unless the sampler runs at
- * period_ns, the calling thread is armed, frame runs a registered root code and holds no
- * scope yet.  The scope is an instance of cls made without __init__ (what Scope.__init__
- * sets, set here), registered as code_roots[-id(frame)]. */
-static PyObject *py_open_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "open_scope() takes 6 arguments");
-        return NULL;
-    }
-    PyObject *cls = args[0], *code_roots = args[1], *frame = args[2];
-    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &ScopeCoreType) ||
-        !PyDict_Check(code_roots) || !PyFrame_Check(frame)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "open_scope(cls: a ScopeCore subclass, code_roots: dict, frame, ...)");
-        return NULL;
-    }
-    long long period, max_depth, max_duration;
-    int lean = lean_args(args + 3, &period, &max_depth, &max_duration);
-    if (lean <= 0) {
-        return lean < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    PyCodeObject *co = PyFrame_GetCode((PyFrameObject *)frame);
-    int known = is_root_code(co);
-    Py_DECREF(co);
-    if (!known) {
-        Py_RETURN_NONE;
-    }
-    PyObject *key = PyLong_FromLongLong(-(long long)(uintptr_t)frame);
-    if (key == NULL) {
-        return NULL;
-    }
-    int held = PyDict_Contains(code_roots, key);
-    if (held != 0) {
-        Py_DECREF(key);
-        if (held < 0) {
-            return NULL;
-        }
-        Py_RETURN_NONE; /* a second scope on the same frame: the general path */
-    }
-    ScopeCore *scope = (ScopeCore *)((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, 0);
-    if (scope == NULL) {
-        Py_DECREF(key);
-        return NULL;
-    }
-    scope->mark = (long long)atomic_load_explicit(&g_published, memory_order_acquire);
-    scope->opened_ns = now_ns(CLOCK_REALTIME);
-    scope->thread_id = PyThread_get_thread_ident();
-    scope->period_ns = period;
-    scope->max_depth = max_depth;
-    scope->closed_ns = NO_NS;
-    scope->deadline_ns = max_duration ? scope->opened_ns + max_duration : NO_NS;
-    scope->root_key = key; /* the reference made above */
-    if (PyDict_SetItem(code_roots, key, (PyObject *)scope) < 0) {
-        Py_DECREF(scope);
-        return NULL;
-    }
-    atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
-    return (PyObject *)scope;
 }
 
 static PyObject *py_code_opens(PyObject *self, PyObject *unused)
@@ -2340,86 +2268,6 @@ static int end_scope(PyObject *scope)
 static PyObject *py_end_scope(PyObject *self, PyObject *scope)
 {
     if (end_scope(scope) < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* delete code_roots[scope.root_key] if it is scope; -1 on an error */
-static int forget_scope(PyObject *code_roots, PyObject *scope)
-{
-    PyObject *key = is_core(scope) ? Py_NewRef(((ScopeCore *)scope)->root_key)
-                                   : PyObject_GetAttr(scope, s_root_key);
-    if (key == NULL) {
-        return -1;
-    }
-    PyObject *held = PyDict_GetItemWithError(code_roots, key);
-    if (held == scope && PyDict_DelItem(code_roots, key) < 0) {
-        held = NULL;
-    }
-    Py_DECREF(key);
-    return held == NULL && PyErr_Occurred() ? -1 : 0;
-}
-
-/* end_scope(); then, if no sample was published since the open (quiet), forget the scope:
- * delete code_roots[scope.root_key] if it is this scope.  Returns quiet. */
-static PyObject *py_finish_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2 || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "finish_scope(code_roots: dict, scope)");
-        return NULL;
-    }
-    PyObject *code_roots = args[0], *scope = args[1];
-    if (end_scope(scope) < 0) {
-        return NULL;
-    }
-    int is_quiet;
-    if (is_core(scope)) {
-        is_quiet = ((ScopeCore *)scope)->quiet;
-    }
-    else {
-        PyObject *quiet = PyObject_GetAttr(scope, s_quiet);
-        if (quiet == NULL) {
-            return NULL;
-        }
-        is_quiet = PyObject_IsTrue(quiet);
-        Py_DECREF(quiet);
-        if (is_quiet < 0) {
-            return NULL;
-        }
-    }
-    if (!is_quiet) {
-        Py_RETURN_FALSE;
-    }
-    if (forget_scope(code_roots, scope) < 0) {
-        return NULL;
-    }
-    Py_RETURN_TRUE;
-}
-
-/* release_scope(code_roots, released, scope, finish): scope.finish = finish, append scope
- * to the deque released, then delete code_roots[scope.root_key] if it is scope (in that
- * order: a collector that no longer finds it in code_roots finds it in released). */
-static PyObject *py_release_scope(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "release_scope(code_roots: dict, released, scope, finish)");
-        return NULL;
-    }
-    PyObject *code_roots = args[0], *scope = args[2];
-    if (is_core(scope)) {
-        Py_XSETREF(((ScopeCore *)scope)->finish, Py_NewRef(args[3]));
-    }
-    else if (PyObject_SetAttr(scope, s_finish, args[3]) < 0) {
-        return NULL;
-    }
-    PyObject *res = PyObject_CallMethodOneArg(args[1], s_append, scope);
-    if (res == NULL) {
-        return NULL;
-    }
-    Py_DECREF(res);
-    if (forget_scope(code_roots, scope) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -2759,15 +2607,10 @@ static int init_request_path(PyObject *m)
     s_closed_ns = PyUnicode_InternFromString("closed_ns");
     s_quiet = PyUnicode_InternFromString("quiet");
     s_mark = PyUnicode_InternFromString("mark");
-    s_root_key = PyUnicode_InternFromString("root_key");
     s_response_start = PyUnicode_InternFromString("http.response.start");
     s_response_body = PyUnicode_InternFromString("http.response.body");
-    s_finish = PyUnicode_InternFromString("finish");
     s_append = PyUnicode_InternFromString("append");
-    if (!s_finish || !s_append) {
-        return -1;
-    }
-    if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_root_key ||
+    if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_append ||
         !s_response_start || !s_response_body) {
         return -1;
     }
@@ -2806,10 +2649,10 @@ static PyMethodDef methods[] = {
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
      "root_tokens. Returns thread_armed()."},
     {"add_root_code", py_add_root_code, METH_VARARGS,
-     "add_root_code(code, slot=-1)\n--\n\nEvery frame running code is a root. With slot -1, "
-     "a frame with a frame object tags its samples with -id(frame) in root_tokens; else a "
+     "add_root_code(code, slot)\n--\n\nEvery frame running code is a request's root: a "
      "frame whose fast local number slot holds an open request watcher (watch_request) tags "
-     "them with that watcher's tag, and counts them in its samples. Permanent; idempotent."},
+     "its samples with that watcher's tag, and counts them in its samples. Permanent; "
+     "idempotent."},
     {"remove_root", py_remove_root, METH_O,
      "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
     {"drain", py_drain, METH_NOARGS,
@@ -2828,18 +2671,6 @@ static PyMethodDef methods[] = {
     {"end_scope", py_end_scope, METH_O,
      "end_scope(scope)\n--\n\nUnless scope.closed_ns is set: set it to now (Unix ns) and "
      "scope.quiet to whether mark() still equals scope.mark."},
-    {"finish_scope", (PyCFunction)(void (*)(void))py_finish_scope, METH_FASTCALL,
-     "finish_scope(code_roots, scope)\n--\n\nend_scope(scope); then, if scope.quiet, delete "
-     "code_roots[scope.root_key] when it is scope. Returns scope.quiet."},
-    {"open_scope", (PyCFunction)(void (*)(void))py_open_scope, METH_FASTCALL,
-     "open_scope(cls, code_roots, frame, period_ns, max_depth, max_duration_ns)\n--\n\n"
-     "A new scope (an instance of cls made without __init__: thread_id, period_ns, max_depth, "
-     "samples, methods, opened_ns, deadline_ns, mark, root_key) registered as "
-     "code_roots[-id(frame)]; None unless the sampler runs at period_ns, the calling thread "
-     "is armed, frame runs a registered root code and holds no scope in code_roots."},
-    {"release_scope", (PyCFunction)(void (*)(void))py_release_scope, METH_FASTCALL,
-     "release_scope(code_roots, released, scope, finish)\n--\n\nscope.finish = finish; "
-     "released.append(scope); then delete code_roots[scope.root_key] if it is scope."},
     {"watch_send", (PyCFunction)(void (*)(void))py_watch_send, METH_FASTCALL,
      "watch_send(send, scope)\n--\n\nSendWatcher(send, scope), made without parsing a "
      "tuple of arguments."},
@@ -2859,7 +2690,8 @@ static PyMethodDef methods[] = {
     {"open_watchers", py_open_watchers, METH_NOARGS,
      "open_watchers()\n--\n\nRequest watchers made and not yet ended."},
     {"code_opens", py_code_opens, METH_NOARGS,
-     "code_opens()\n--\n\nThe number of scopes open_scope() has made (never reset)."},
+     "code_opens()\n--\n\nThe number of request watchers watch_request() has made (never "
+     "reset)."},
     {"mark", py_mark, METH_NOARGS,
      "mark()\n--\n\n-1 unless started and the calling thread is armed; else the number of "
      "samples published so far (two equal readings: no sample in between)."},
