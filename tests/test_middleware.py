@@ -458,6 +458,31 @@ def test_faults_on_the_lean_request_path_do_not_break_requests(
         mw.profiler.shutdown(5)
 
 
+def test_every_request_is_counted_once_on_the_always_path() -> None:
+    """``always`` counts inline on the ASGI path (the first request takes the general path,
+    the next ones the request watcher's): each request is counted once, excluded ones are
+    no decision, and the profiler's and the sampler's counts agree."""
+
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = make(quick, KeepingExporter(), exclude_paths=["/health", "/static/*"])
+
+    async def main() -> None:
+        for path in ["/a", "/b", "/health", "/c", "/static/x.css", "/d"]:
+            await asgi_get(mw, path)
+
+    asyncio.run(main())
+    stats = mw.profiler.stats()
+    assert (stats.requests, stats.sampled) == (6, 4)
+    decided = mw.profiler.sampler.stats()
+    assert (decided.decisions, decided.sampled) == (4, 4)
+    mw.profiler.sampler.reset()
+    assert mw.profiler.sampler.stats().decisions == 0
+    mw.profiler.shutdown(5)
+
+
 def test_never_sampler_skips_everything() -> None:
     exporter = KeepingExporter()
     mw = make(cpu_app, exporter, sampler=NeverSample())

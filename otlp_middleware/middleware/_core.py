@@ -288,6 +288,7 @@ class RequestProfiler:
         self._extra = dict(extra_attributes or {})
         self._requests = 0
         self._sampled = 0
+        self._lean = 0  # requests the ASGI adapter counted both decided and sampled, inline
         self._emitted = 0
         self._empty = 0
         self._faults = 0
@@ -621,8 +622,8 @@ class RequestProfiler:
         """The counters, with every request that has ended counted."""
         ENGINE.flush_code_scopes()
         return ProfilerStats(
-            requests=self._requests,
-            sampled=self._sampled,
+            requests=self._requests + self._lean,
+            sampled=self._sampled + self._lean,
             profiles_emitted=self._emitted,
             empty=self._empty,
             faults=self._faults,

@@ -101,19 +101,19 @@ class ProfilingMiddleware:
             # Every request not excluded is profiled (``AlwaysSample``): nothing to decide but
             # the excluded paths, then to count, inline as ``should_profile`` and
             # ``AlwaysSample.should_sample`` would.
-            profiler._requests += 1
-            path = scope.get("path", "")
-            match = profiler._exclude_match
-            if (
-                path in profiler._exclude_exact
-                or path.startswith(profiler._exclude_prefixes)
-                or (match is not None and match(path) is not None)
-            ):
-                await self.app(scope, receive, send)
-                return
-            counter = profiler._sampler._counter  # type: ignore[attr-defined]
-            next(counter._decisions)
-            next(counter._sampled)
+            if profiler.exclude_paths:
+                path = scope.get("path", "")
+                match = profiler._exclude_match
+                if (
+                    path in profiler._exclude_exact
+                    or path.startswith(profiler._exclude_prefixes)
+                    or (match is not None and match(path) is not None)
+                ):
+                    profiler._requests += 1
+                    await self.app(scope, receive, send)
+                    return
+            next(profiler._sampler._count)  # type: ignore[attr-defined]
+            decided = False
         else:
             method = scope.get("method", "GET")
             headers = partial(_headers, scope) if profiler.sampler.needs_request else None
@@ -126,6 +126,7 @@ class ProfilingMiddleware:
                 return
             # A request that needs only on-CPU samples (``lean_root``) takes the lean path.
             lean = profiler.lean_root
+            decided = True  # ``should_profile`` counted the request
         # The lean path: a watcher made in one call into the extension; None (then the general
         # path) where that does not apply, as for a server's first profiled request (the
         # sampler does not run yet).
@@ -136,9 +137,14 @@ class ProfilingMiddleware:
             except Exception:
                 profiler._fault("opening a request's profile")
         if watcher is None:
+            if not decided:
+                profiler._requests += 1  # and ``begin`` counts it sampled
             await self._call_with_handle(scope, receive, send, scope.get("method", "GET"))
             return
-        profiler._sampled += 1
+        if decided:
+            profiler._sampled += 1
+        else:
+            profiler._lean += 1  # a request, sampled: one count for both (see ``stats``)
         # Registered nowhere: while ``watcher`` (this local, the slot the handler reads) is
         # open, samples taken below this frame are this request's. Work it offloads to
         # threads finds it there too (``_offload.request_scope``). No contextvar: uvicorn's

@@ -289,22 +289,23 @@ class AlwaysSample(SamplingStrategy):
     ProfilingMiddleware(app, sampler=AlwaysSample())   # or sampler="always"
     """
 
-    __slots__ = ("_counter",)
+    __slots__ = ("_count",)
 
     def __init__(self) -> None:
-        self._counter = DecisionCounter()
+        # Every decision samples: one count is both (it runs per request; the ASGI adapter
+        # counts it inline).
+        self._count = itertools.count()
 
     def should_sample(self, request: RequestInfo | None = None) -> bool:
-        counter = self._counter  # DecisionCounter.record(True), inline: it runs per request
-        next(counter._decisions)
-        next(counter._sampled)
+        next(self._count)
         return True
 
     def reset(self) -> None:
-        self._counter.reset()
+        self._count = itertools.count()
 
     def stats(self) -> SamplingStats:
-        return self._counter.stats()
+        n = _peek(self._count)
+        return SamplingStats(decisions=n, sampled=n)
 
     def __repr__(self) -> str:
         return "AlwaysSample()"
