@@ -6,12 +6,14 @@ exported as OTLP to BENCH_ENDPOINT), ``switch`` (as ``always``, but profiling is
 SIGUSR1 turns it on, and each SIGUSR1 flips it: one process measured against itself),
 ``pyinstrument`` (a peer: pyinstrument's profiler around every request at 99 Hz; ``pip install
 pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``switch``
-(default 99); BENCH_WORK the handler's work (default 700 chunks, about 1 ms). For diagnosis,
-BENCH_HANDON=0 drops the requests that may have samples instead of handing them on (no
-record, no export): with BENCH_HZ, ``switch`` then separates the request path, the sampling,
-and the hand-on with what follows it. BENCH_SPLIT=FILE times the handler's work on its
+(default 99); BENCH_WORK the handler's work (default 700 chunks, about 1 ms), and
+BENCH_HANDLER=mixed makes it build and encode records instead of adding ints (see
+``mixed_work``). For diagnosis, BENCH_HANDON=0 drops the requests that may have samples
+instead of handing them on (no record, no export): with BENCH_HZ, ``switch`` then separates
+the request path, the sampling, and the hand-on with what follows it. BENCH_SPLIT=FILE times the handler's work on its
 thread's CPU clock and, at each SIGUSR2, appends to FILE a JSON line of the CPU spent so far:
-in the handler, in the main thread, in the process (see ``split_snapshot``).
+in the handler, in the main thread, in the process, in the garbage collector (see
+``split_snapshot``).
 """
 
 from __future__ import annotations
