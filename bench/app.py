@@ -10,10 +10,10 @@ pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``s
 BENCH_HANDLER=mixed makes it build and encode records instead of adding ints (see
 ``mixed_work``). For diagnosis, BENCH_HANDON=0 drops the requests that may have samples
 instead of handing them on (no record, no export): with BENCH_HZ, ``switch`` then separates
-the request path, the sampling, and the hand-on with what follows it. BENCH_SPLIT=FILE times the handler's work on its
-thread's CPU clock and, at each SIGUSR2, appends to FILE a JSON line of the CPU spent so far:
-in the handler, in the main thread, in the process, in the garbage collector (see
-``split_snapshot``).
+the request path, the sampling, and the hand-on with what follows it. BENCH_SPLIT=FILE times
+the handler's work on its thread's CPU clock and, at each SIGUSR2, appends to FILE a JSON line
+of the CPU spent so far: in the handler, in the main thread, in the process, in the garbage
+collector (see ``split_snapshot``).
 """
 
 from __future__ import annotations

@@ -662,9 +662,11 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     """Samples taken in a request's window that are another request's make it no profile.
 
     On one loop, ``/wait`` awaits while ``/busy`` burns CPU: samples are taken during both
-    windows, but only ``/busy`` owns samples; nothing is exported for ``/wait``, which is
-    counted empty. On the lean path the handler counts each request's own samples, so only
-    ``/busy`` is even handed on to the collector.
+    windows, but they are ``/busy``'s; ``/wait`` gets none of them, and no profile unless a
+    sample fell in its own few microseconds of CPU (about 1 run in 100; 1 in 30 under
+    ``-X dev``), and then one of its own frames only. On the lean path the handler counts
+    each request's own samples, so a request is handed on to the collector only if it took
+    one: ``/busy`` always, ``/wait`` only when it has a profile.
     """
     import types
 
@@ -695,12 +697,17 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
 
     asyncio.run(main())
     mw.profiler.shutdown(5)
-    routes = [r.attributes.get("http.route") for r in exporter.records]
-    assert "/busy" in routes and "/wait" not in routes
+    by_route = {r.attributes.get("http.route"): r for r in exporter.records}
+    assert "hot_function" in names(by_route["/busy"])
+    for own_cpu_only in ("/wait", "/warm"):
+        if own_cpu_only in by_route:
+            assert "hot_function" not in names(by_route[own_cpu_only])
     stats = mw.profiler.stats()
-    assert stats.empty == stats.sampled - len(exporter.records) >= 1
+    assert stats.empty == stats.sampled - len(exporter.records)
+    if "/wait" not in by_route:
+        assert stats.empty >= 1  # /wait: quiet, though samples were taken in its window
     if handed_on:  # the lean path (taken when the sampler already runs at this rate)
-        assert handed_on == ["/busy"]  # /wait took no sample: quiet, though others were taken
+        assert "/busy" in handed_on and set(handed_on) <= set(by_route)
 
 
 @pytest.mark.skipif(

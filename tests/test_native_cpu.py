@@ -936,9 +936,8 @@ def test_end_scope_sets_the_end_once_and_whether_it_was_quiet(
 
 
 @pytest.mark.parametrize("make_scope", SCOPE_KINDS)
-@pytest.mark.parametrize("make_watcher", ["SendWatcher", "watch_send"])
 def test_send_watcher_notes_status_and_ends_at_the_last_body(
-    native: ModuleType, make_scope: Callable[[int], Any], make_watcher: str
+    native: ModuleType, make_scope: Callable[[int], Any]
 ) -> None:
     """Messages pass through unchanged; the scope ends at the last body chunk only."""
     sent: list[Any] = []
@@ -948,8 +947,7 @@ def test_send_watcher_notes_status_and_ends_at_the_last_body(
         return "sent"
 
     scope = make_scope(-1)
-    watcher = getattr(native, make_watcher)(send, scope)
-    assert type(watcher) is native.SendWatcher
+    watcher = native.SendWatcher(send, scope)
     assert watcher.status is None
 
     async def respond() -> list[Any]:
@@ -1173,4 +1171,4 @@ def test_request_watchers_tag_and_count_only_their_own_open_requests(native: Mod
     native.release_request(released, w, print)
     assert list(released) == [w] and w.finish is print
     with pytest.raises(TypeError):
-        native.finish_request(native.watch_send(print, None))  # not a request watcher
+        native.finish_request(native.SendWatcher(print, None))  # not a request watcher

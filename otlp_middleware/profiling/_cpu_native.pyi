@@ -162,10 +162,6 @@ class ScopeCore:
     root_key: int
     finish: Any
 
-def watch_send(send: Any, scope: Any) -> SendWatcher:
-    """An ASGI ``send`` that passes every message on unchanged, notes the response status
-    (``.status``) and ends ``scope`` (``end_scope``) at the last body chunk."""
-
 def watch_request(
     send: Any, period_ns: int, max_depth: int, max_duration_ns: int | None
 ) -> SendWatcher | None:
@@ -187,7 +183,8 @@ def open_watchers() -> int:
     """Request watchers made and not yet ended."""
 
 class SendWatcher:
-    """An ASGI send callable (see :func:`watch_send`, :func:`watch_request`)."""
+    """An ASGI send callable: ``SendWatcher(send, scope)``, or a request watcher made by
+    :func:`watch_request`."""
 
     status: Any
     open: bool

@@ -90,9 +90,6 @@ class NativeTier:
     _lock: threading.Lock
     _collector: Collector | None
     errors: RateLimitedLog
-    end_code_scope: Callable[[Scope], None]
-    """A code scope's end (its request's response is complete): samples after it are not
-    its own. Idempotent; sets ``closed_ns`` (and ``quiet``). The extension's ``end_scope``."""
     watch_request: Callable[[Any, int, int, int | None], Any]
     """``watch_request(send, period_ns, max_depth, max_duration_ns)``: the ASGI request path
     at its leanest, a request watcher, or None (then the caller takes the general path).
@@ -113,16 +110,10 @@ class NativeTier:
     finish_request: Callable[[Any], bool]
     """``finish_request(watcher)``: end the request (if its last body chunk did not), and its
     scope if it has one; True if nothing can be its own (no sample tagged, no scope)."""
-    watch_send: Callable[[Any, Scope], Any]
-    """``watch_send(send, scope)``: an ASGI ``send`` that notes the response status
-    (``.status``) and ends ``scope`` at the last body chunk (the extension's
-    ``SendWatcher``)."""
 
     def init_native_state(self, module: Any) -> None:
         self._native = module
         real = self._native_module
-        self.end_code_scope = real.end_scope if real is not None else _needs_extension
-        self.watch_send = real.watch_send if real is not None else _needs_extension
         self.finish_request = real.finish_request if real is not None else _needs_extension
         # A request watcher's tag -> (stack, cpu_ns, timestamp_ns) of the samples drained while
         # its request ran and had no scope yet: its scope takes them when it is released.

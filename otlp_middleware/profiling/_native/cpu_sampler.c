@@ -243,8 +243,8 @@ static _Atomic(PyCodeObject *) g_root_codes[ROOT_CODE_CAP];
 static int g_root_slots[ROOT_CODE_CAP]; /* each root code's watcher slot */
 static _Atomic int g_n_root_codes;
 
-/* The ASGI send callable of a profiled request (watch_send, watch_request).  A request
- * watcher (watch_request: id != 0) is its request's scope until the response completes
+/* The ASGI send callable of a profiled request (SendWatcher(send, scope), watch_request).
+ * A request watcher (watch_request: id != 0) is its request's scope until the response completes
  * (open): the handler, finding it in its root code's watcher slot, tags the sample with
  * WATCH_TAG(id) and counts it in samples, so the request path registers nothing. */
 typedef struct {
@@ -2370,17 +2370,6 @@ static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     return make_watcher(send, scope);
 }
 
-/* watch_send(send, scope): SendWatcher(send, scope) without parsing a tuple of arguments
- * (the request path makes one per profiled request). */
-static PyObject *py_watch_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "watch_send(send, scope) takes 2 arguments");
-        return NULL;
-    }
-    return make_watcher(args[0], args[1]);
-}
-
 /* watch_request(send, period_ns, max_depth, max_duration_ns): the ASGI request path at its
  * leanest.  A SendWatcher of send that is also the request's scope until its response
  * completes: the caller keeps it in the fast local its root code was registered with
@@ -2671,9 +2660,6 @@ static PyMethodDef methods[] = {
     {"end_scope", py_end_scope, METH_O,
      "end_scope(scope)\n--\n\nUnless scope.closed_ns is set: set it to now (Unix ns) and "
      "scope.quiet to whether mark() still equals scope.mark."},
-    {"watch_send", (PyCFunction)(void (*)(void))py_watch_send, METH_FASTCALL,
-     "watch_send(send, scope)\n--\n\nSendWatcher(send, scope), made without parsing a "
-     "tuple of arguments."},
     {"watch_request", (PyCFunction)(void (*)(void))py_watch_request, METH_FASTCALL,
      "watch_request(send, period_ns, max_depth, max_duration_ns)\n--\n\nA request watcher: "
      "a SendWatcher of send that is its request's scope until the last body chunk (open); "
