@@ -180,7 +180,7 @@ class Engine(NativeTier):
                 raise RuntimeError("set_method(): scopes are open")
             self._method = method
             self._native = self._native_module if method in ("auto", "native") else None
-            self._sync_code_opener()
+            self._sync_watch_request()
 
     def method_for(self, tid: int) -> str:
         """The tier that samples CPU on thread ``tid`` right now."""

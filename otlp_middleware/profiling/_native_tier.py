@@ -48,7 +48,7 @@ def load_native() -> Any:
     return _cpu_native
 
 
-def _no_code_scope(*args: Any) -> None:
+def _no_watcher(*args: Any) -> None:
     return None  # no native tier: the caller takes the general path
 
 
@@ -148,15 +148,15 @@ class NativeTier:
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
         self._collector = None
-        self._sync_code_opener()
+        self._sync_watch_request()
 
-    def _sync_code_opener(self) -> None:
+    def _sync_watch_request(self) -> None:
         """Point ``watch_request`` at the extension while the native tier is in use."""
         real = self._native_module
         if real is not None and self._native is not None:
             self.watch_request = real.watch_request
         else:
-            self.watch_request = _no_code_scope
+            self.watch_request = _no_watcher
 
     def new_code_opens(self) -> bool:
         """Whether request watchers were made since the last call (they keep the sampler
@@ -439,7 +439,7 @@ class NativeTier:
     def _native_unusable(self, exc: Exception) -> None:
         logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
         self._native = None
-        self._sync_code_opener()
+        self._sync_watch_request()
 
     def _wake_collector(self) -> None:
         collector = self._collector
