@@ -92,9 +92,22 @@ def split_snapshot(signum: int = 0, frame: Any = None) -> None:
         "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
         "gc_collections": [g["collections"] for g in gc.get_stats()],
         "gc_s": _gc_time[:],
+        "signal_handler_s": _signal_handler_ns() / 1e9,
     }
     with open(SPLIT_FILE, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def _signal_handler_ns() -> int:
+    """The native sampler's signal handler time so far (0 where it does not run).
+
+    Measured inside the handler, from its stack walk to its publication: the kernel's
+    delivery of the signal is not in it.
+    """
+    from otlp_middleware.profiling._engine import ENGINE
+
+    native = ENGINE._native_module
+    return int(native.stats()["handler_ns"]) if native is not None else 0
 
 
 if SPLIT_FILE is not None:

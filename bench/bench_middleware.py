@@ -328,15 +328,18 @@ SPLIT_PARTS = (
     "rest of main thread",
     "other threads",
     "of these, garbage collection",
+    "of the main thread, the signal handler",
 )
 # Minor page faults per request above which a server's figures are suspect (see read_split).
 FAULTS_SUSPECT = 0.2
 
 
-def read_split(path: str) -> tuple[float, float, float, float, float]:
+def read_split(path: str) -> tuple[float, float, float, float, float, float]:
     """Per request between the last two ``BENCH_SPLIT`` snapshots of a server: its handler's
     work, the rest of its main thread, its other threads, the garbage collector's time on
-    any of them (us, see ``bench/app.py``), and its minor page faults.
+    any of them, the native sampler's signal handler time (in the handler's or the rest's
+    figure, wherever the signal landed) (us, see ``bench/app.py``), and its minor page
+    faults.
 
     A warm server takes almost no page faults. One that takes one or more per request has
     most likely fallen into a glibc allocator cycle that is not the profiler's own work: when
@@ -357,11 +360,13 @@ def read_split(path: str) -> tuple[float, float, float, float, float]:
     process = after["process_s"] - before["process_s"]
     faults = after["minor_faults"] - before["minor_faults"]
     collector = sum(after["gc_s"]) - sum(before["gc_s"])
+    signals = after["signal_handler_s"] - before["signal_handler_s"]
     return (
         handler / n * 1e6,
         (main - handler) / n * 1e6,
         (process - main) / n * 1e6,
         collector / n * 1e6,
+        signals / n * 1e6,
         faults / n,
     )
 

@@ -52,7 +52,7 @@ def test_the_split_counts_the_requests_and_splits_the_cpu_between_two_snapshots(
             _wait_for_lines(split, 2)
     before, after = (json.loads(line) for line in split.read_text().splitlines())
     assert after["requests"] - before["requests"] == 40
-    handler, rest, others, collector, _faults = read_split(str(split))
+    handler, rest, others, collector, signals, _faults = read_split(str(split))
     # 200 chunks of the handler's loop take well over 50 us anywhere; the server's own work
     # per request (h11, the middleware) is CPU on the main thread too; the other threads'
     # share is a difference of two clocks, never negative beyond clock granularity.
@@ -60,6 +60,8 @@ def test_the_split_counts_the_requests_and_splits_the_cpu_between_two_snapshots(
     assert rest > 0, rest
     assert others > -50, others
     assert collector >= 0 and len(after["gc_collections"]) == len(after["gc_s"]) == 3
+    # the signal handler runs on the main thread, inside the handler's work or the rest
+    assert 0 <= signals <= handler + rest, (signals, handler, rest)
     assert after["main_s"] - before["main_s"] >= after["handler_s"] - before["handler_s"]
 
 
