@@ -3,10 +3,14 @@
 ``emit`` is O(1) and never blocks: it appends to a bounded deque (a full queue drops the
 record and counts it) and wakes the export thread only when a full batch is waiting. The
 thread, started lazily on the first emit, exports a batch every ``schedule_delay`` seconds or
-as soon as ``max_export_batch_size`` records wait. ``force_flush(timeout)`` and
-``shutdown(timeout)`` honour their deadlines. Pending records are flushed at interpreter exit,
-and a forked child gets a fresh, empty queue and starts its own thread when it first emits
-(``os.register_at_fork`` through a ``WeakMethod``, as OpenTelemetry's BatchProcessor does).
+as soon as ``max_export_batch_size`` records wait. An exporter that merges records as they
+come (``streaming``: ``FileExporter(aggregate=True)``) is handed them every
+``ABSORB_INTERVAL`` instead, and writes its window at the cadence of a batch: the records
+are not held for seconds (``PprofWindow`` says why that matters). ``force_flush(timeout)``
+and ``shutdown(timeout)`` honour their deadlines. Pending records are flushed at interpreter
+exit, and a forked child gets a fresh, empty queue and starts its own thread when it first
+emits (``os.register_at_fork`` through a ``WeakMethod``, as OpenTelemetry's BatchProcessor
+does).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..profiling._bell import Bell
 from ..profiling._scope import RateLimitedLog
@@ -28,6 +33,9 @@ from ..types import ProfileRecord
 from ._base import Exporter, ExportResult
 
 logger = logging.getLogger(__name__)
+
+ABSORB_INTERVAL = 0.25
+"""Seconds records wait at most before a streaming exporter absorbs them."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class BatchProcessor:
         self.max_export_batch_size = max_export_batch_size
         self.schedule_delay = schedule_delay
         self.export_timeout = export_timeout
+        # An exporter that absorbs records between exports (``absorb``, ``pending``).
+        self._stream = bool(getattr(exporter, "streaming", False))
         self._init_state()
         ref = weakref.WeakMethod(self._at_fork_child)
         if hasattr(os, "register_at_fork"):
@@ -102,6 +112,10 @@ class BatchProcessor:
         self._failed = 0
         self._rejected = 0
         self._retried = 0
+        # Streaming: the export thread waits long (schedule_delay) only while nothing waits
+        # to be absorbed or written; emit then wakes it. When the window it writes is due.
+        self._idle = True
+        self._write_at = 0.0
 
     # ------------------------------------------------------------------ request path
     def emit(self, record: ProfileRecord) -> bool:
@@ -118,6 +132,9 @@ class BatchProcessor:
             self._start()
         elif len(self._queue) >= self.max_export_batch_size:
             self._wake.set()
+        elif self._idle and self._stream:
+            self._idle = False
+            self._wake.set()
         return True
 
     def _start(self) -> None:
@@ -130,19 +147,78 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ background
     def _run(self) -> None:
+        if self._stream:
+            self._run_streaming()
+            return
         while True:
             self._wake.wait(self.schedule_delay)
             self._wake.clear()
             self._drain(deadline=None)
-            with self._lock:
-                waiters, self._flush_requests = self._flush_requests, []
-                stopping = self._shutdown
-            for w in waiters:
-                w.set()
-            if stopping:
+            if self._answer_flushes():
                 return
 
+    def _answer_flushes(self) -> bool:
+        """Tell the flushes asked for so far that they are done; True when shutting down."""
+        with self._lock:
+            waiters, self._flush_requests = self._flush_requests, []
+            stopping = self._shutdown
+        for w in waiters:
+            w.set()
+        return stopping
+
+    def _run_streaming(self) -> None:
+        """Absorb the queued records every ``ABSORB_INTERVAL``; write the window when due."""
+        exporter: Any = self.exporter
+        while True:
+            if self._queue or exporter.pending:
+                self._idle = False
+                wait = min(ABSORB_INTERVAL, max(self._write_at - time.monotonic(), 0.0))
+            else:
+                self._idle = True
+                wait = self.schedule_delay
+                if self._queue:  # emitted as the flag was set: do not sleep on it
+                    self._idle = False
+                    wait = 0.0
+            self._wake.wait(wait)
+            self._wake.clear()
+            self._absorb()
+            with self._lock:
+                flush = bool(self._flush_requests) or self._shutdown
+            if (
+                flush
+                or time.monotonic() >= self._write_at
+                or exporter.pending >= self.max_export_batch_size
+            ):
+                self._write_window()
+            if self._answer_flushes():
+                return
+
+    def _absorb(self) -> None:
+        """Hand the queued records to the streaming exporter (they are then its to keep)."""
+        queue = self._queue
+        if not queue:
+            return
+        if not self.exporter.pending:  # type: ignore[attr-defined]
+            self._write_at = time.monotonic() + self.schedule_delay
+        batch = [queue.popleft() for _ in range(len(queue))]
+        try:
+            self.exporter.absorb(batch)  # type: ignore[attr-defined]
+        except Exception:
+            self._failed += len(batch)
+            self._export_errors.exception(
+                "otlp_middleware: exporter %r failed", type(self.exporter).__name__
+            )
+
+    def _write_window(self) -> None:
+        pending = self.exporter.pending  # type: ignore[attr-defined]
+        if pending:
+            self._export([], pending)
+
     def _drain(self, deadline: float | None) -> None:
+        if self._stream:  # absorbing is quick: all of it, then one write
+            self._absorb()
+            self._write_window()
+            return
         while self._queue:
             if deadline is not None and time.monotonic() >= deadline:
                 return
@@ -151,31 +227,33 @@ class BatchProcessor:
                 batch.append(self._queue.popleft())
             self._export(batch)
 
-    def _export(self, batch: list[ProfileRecord]) -> None:
+    def _export(self, batch: list[ProfileRecord], absorbed: int = 0) -> None:
+        """Export ``batch`` (and the ``absorbed`` records the exporter holds for it)."""
+        total = len(batch) + absorbed
         try:
             result = self.exporter.export(batch)
         except Exception:
-            self._failed += len(batch)
+            self._failed += total
             self._export_errors.exception(
                 "otlp_middleware: exporter %r failed", type(self.exporter).__name__
             )
             return
         if not isinstance(result, ExportResult):
-            self._exported += len(batch)
+            self._exported += total
             return
         self._exported += result.exported
         self._rejected += result.rejected
         self._retried += result.retries
         if not result.success:
-            self._failed += len(batch) - result.exported - result.rejected
+            self._failed += total - result.exported - result.rejected
 
     # ------------------------------------------------------------------ control
     def force_flush(self, timeout: float = 30.0) -> bool:
         """Export everything queued now; True if done within ``timeout`` seconds."""
         if self._thread is None or not self._thread.is_alive():
-            if self._queue:
+            if self._queue or self._pending():
                 self._drain(deadline=time.monotonic() + timeout)
-            return not self._queue
+            return not self._queue and not self._pending()
         done = threading.Event()
         with self._lock:
             self._flush_requests.append(done)
@@ -193,13 +271,16 @@ class BatchProcessor:
         self._wake.set()
         if thread is not None and thread.is_alive():
             thread.join(max(deadline - time.monotonic(), 0))
-        elif self._queue:
+        elif self._queue or self._pending():
             self._drain(deadline)
-        if self._queue:
-            self._dropped += len(self._queue)
+        left = len(self._queue)
+        if thread is None or not thread.is_alive():
+            left += self._pending()  # else the thread may still be writing them
+        if left:
+            self._dropped += left
             logger.warning(
                 "otlp_middleware: %d profile(s) not exported before the shutdown deadline",
-                len(self._queue),
+                left,
             )
             self._queue.clear()
         try:
@@ -222,9 +303,13 @@ class BatchProcessor:
     def is_shutdown(self) -> bool:
         return self._shutdown
 
+    def _pending(self) -> int:
+        """Records a streaming exporter has absorbed and not written yet."""
+        return int(self.exporter.pending) if self._stream else 0  # type: ignore[attr-defined]
+
     def stats(self) -> BatchStats:
         return BatchStats(
-            queued=len(self._queue),
+            queued=len(self._queue) + self._pending(),
             emitted=self._emitted,
             exported=self._exported,
             dropped=self._dropped,
@@ -238,8 +323,11 @@ class BatchProcessor:
             self.shutdown(timeout=self.export_timeout)
 
     def _at_fork_child(self) -> None:
-        # The parent's thread does not exist here and its queue belongs to the parent.
+        # The parent's thread does not exist here and its queue belongs to the parent, as
+        # do the records a streaming exporter absorbed.
         self._init_state()
+        if self._stream:
+            self.exporter.drop_pending()  # type: ignore[attr-defined]
 
 
 def _call(ref: Callable[[], Callable[[], None] | None]) -> None:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ..pprof import Profile, merged_profiles, record_profiles, write_profile
+from ..pprof import PprofWindow, Profile, record_profiles, write_profile
 from ..types import ProfileRecord
 from ._base import ExportResult
 
@@ -40,6 +40,8 @@ class FileExporter:
             request's attributes (``go tool pprof -comments FILE``). ``True`` writes one file
             per export batch (time window) merging all its requests; every sample keeps its
             request's labels, so ``go tool pprof -tagfocus http.route=/x FILE`` slices it.
+            The window is built as records arrive (``absorb``, called by the
+            ``BatchProcessor`` between writes), so they are not kept until it is written.
         max_files: files kept at most; the oldest are removed first. ``None``: no limit.
 
     Example::
@@ -60,27 +62,77 @@ class FileExporter:
         self.aggregate = aggregate
         self.max_files = max_files
         self._lock = threading.Lock()
+        self._window = PprofWindow()
         self.files_written = 0
+
+    @property
+    def streaming(self) -> bool:
+        """Whether records may be handed over before their batch is written (``absorb``)."""
+        return self.aggregate
+
+    @property
+    def pending(self) -> int:
+        """Records absorbed into the current window and not written yet."""
+        return self._window.records
+
+    def absorb(self, records: Sequence[ProfileRecord]) -> None:
+        """Merge ``records`` into the window the next ``export`` writes (aggregate mode)."""
+        if not self.aggregate:
+            raise ValueError("absorb() needs FileExporter(aggregate=True)")
+        with self._lock:
+            window = self._window
+            for r in records:
+                window.add(r)
+
+    def drop_pending(self) -> None:
+        """Forget the absorbed records: a forked child's (they are its parent's to write).
+
+        Takes no lock: in the child, the parent's export thread that may have held it at
+        the fork does not exist; the lock is made anew.
+        """
+        self._lock = threading.Lock()
+        self._window = PprofWindow()
 
     def __repr__(self) -> str:
         return f"FileExporter({self.directory!r}, aggregate={self.aggregate})"
 
     def export(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        """Write ``records``: a file each, or (aggregate) one window with those absorbed."""
+        if self.aggregate:
+            return self._export_window(records)
         records = [r for r in records if not r.is_empty]
         if not records:
             return ExportResult(success=True)
         try:
             with self._lock:
-                if self.aggregate:
-                    self._write_window(records)
-                else:
-                    for r in records:
-                        self._write_record(r)
+                for r in records:
+                    self._write_record(r)
                 self._prune()
         except OSError as exc:
-            logger.warning("otlp_middleware: cannot write profiles to %s: %s", self.directory, exc)
-            return ExportResult(success=False, error_message=str(exc))
+            return self._failed(exc)
         return ExportResult(success=True, exported=len(records))
+
+    def _export_window(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        with self._lock:
+            window = self._window
+            for r in records:
+                window.add(r)
+            n = window.records
+            if not n:
+                return ExportResult(success=True)
+            start = window.start_ns
+            profiles = window.take()
+            try:
+                for kind, profile in profiles.items():
+                    self._write(profile, f"{_stamp(start)}_window_{n}req.{kind}.pb.gz")
+                self._prune()
+            except OSError as exc:
+                return self._failed(exc)
+        return ExportResult(success=True, exported=n)
+
+    def _failed(self, exc: OSError) -> ExportResult:
+        logger.warning("otlp_middleware: cannot write profiles to %s: %s", self.directory, exc)
+        return ExportResult(success=False, error_message=str(exc))
 
     def _write_record(self, r: ProfileRecord) -> None:
         method = str(r.attributes.get("http.request.method", "")) or "request"
@@ -89,11 +141,6 @@ class FileExporter:
         base = f"{stamp}_{_safe(method, 10)}_{_safe(route)}_{r.profile_id.hex()[:16]}"
         for kind, profile in record_profiles(r).items():
             self._write(profile, f"{base}.{kind}.pb.gz")
-
-    def _write_window(self, records: Sequence[ProfileRecord]) -> None:
-        start = min(r.start_time_ns for r in records)
-        for kind, profile in merged_profiles(records).items():
-            self._write(profile, f"{_stamp(start)}_window_{len(records)}req.{kind}.pb.gz")
 
     def _write(self, profile: Profile, name: str) -> None:
         write_profile(profile, os.path.join(self.directory, name))

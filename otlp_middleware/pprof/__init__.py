@@ -14,12 +14,14 @@ from ._io import serialize as serialize
 from ._io import write_profile as write_profile
 from ._records import merged_profiles as merged_profiles
 from ._records import record_profiles as record_profiles
+from ._window import PprofWindow as PprofWindow
 from .profile_pb2 import Profile as Profile
 
 __all__ = [
     "CPU_SAMPLE_TYPES",
     "HEAP_SAMPLE_TYPES",
     "PprofBuilder",
+    "PprofWindow",
     "Profile",
     "cpu_profile",
     "heap_profile",

@@ -28,6 +28,10 @@ HEAP_SAMPLE_TYPES = (
 class PprofBuilder:
     """Accumulates samples (stacks of frame ids + values + labels) into one pprof Profile.
 
+    ``stream=True`` writes each sample into the profile message as it is added, without
+    merging identical ones: nothing per sample is kept in Python objects, which suits a
+    builder that stays open for a whole export window (see ``PprofWindow``).
+
     Example::
 
         b = PprofBuilder([("cpu", "nanoseconds")], ("cpu", "nanoseconds"), 10_101_010)
@@ -43,8 +47,10 @@ class PprofBuilder:
         *,
         frames: FrameTable = FRAMES,
         default_sample_type: str | None = None,
+        stream: bool = False,
     ) -> None:
         self._frames = frames
+        self._stream = stream
         self._profile = Profile()
         self._strings: dict[str, int] = {}
         self.string("")
@@ -120,6 +126,16 @@ class PprofBuilder:
         locs = self._locations_by_stack.get(frames)
         if locs is None:  # stacks repeat: each is resolved once
             locs = self._locations_by_stack[frames] = tuple(self._location(f) for f in frames)
+        if self._stream:
+            sample = self._profile.sample.add(location_id=locs, value=values)
+            if labels:
+                string = self.string
+                for k, v in labels.items():
+                    if isinstance(v, str):
+                        sample.label.add(key=string(k), str=string(v))
+                    else:
+                        sample.label.add(key=string(k), num=v)
+            return
         key = (locs, tuple(sorted(labels.items())) if labels else ())
         acc = self._samples.get(key)
         if acc is None:
@@ -127,6 +143,11 @@ class PprofBuilder:
         else:
             for i, v in enumerate(values):
                 acc[i] += v
+
+    def widen_period(self, period: int) -> None:
+        """Make the profile's period ``period`` if that is longer (a window's largest)."""
+        if period > self._profile.period:
+            self._profile.period = period
 
     def comment(self, text: str) -> None:
         self._profile.comment.append(self.string(text))
@@ -153,7 +174,9 @@ def _comments(builder: PprofBuilder, attributes: Mapping[str, object] | None) ->
         builder.comment(f"{key}={value}")
 
 
-def cpu_builder(period_ns: int, frames: FrameTable = FRAMES) -> PprofBuilder:
+def cpu_builder(
+    period_ns: int, frames: FrameTable = FRAMES, *, stream: bool = False
+) -> PprofBuilder:
     """A builder for CPU profiles: samples/count, cpu/ns, wall/ns; period cpu/ns."""
     return PprofBuilder(
         CPU_SAMPLE_TYPES,
@@ -161,10 +184,13 @@ def cpu_builder(period_ns: int, frames: FrameTable = FRAMES) -> PprofBuilder:
         period_ns,
         frames=frames,
         default_sample_type="cpu",
+        stream=stream,
     )
 
 
-def heap_builder(period_bytes: int, frames: FrameTable = FRAMES) -> PprofBuilder:
+def heap_builder(
+    period_bytes: int, frames: FrameTable = FRAMES, *, stream: bool = False
+) -> PprofBuilder:
     """A builder for heap profiles: the four Go heap sample types; period space/bytes."""
     return PprofBuilder(
         HEAP_SAMPLE_TYPES,
@@ -172,6 +198,7 @@ def heap_builder(period_bytes: int, frames: FrameTable = FRAMES) -> PprofBuilder
         period_bytes,
         frames=frames,
         default_sample_type="inuse_space",
+        stream=stream,
     )
 
 
