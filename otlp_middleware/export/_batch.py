@@ -112,9 +112,9 @@ class BatchProcessor:
         self._failed = 0
         self._rejected = 0
         self._retried = 0
-        # Streaming: the export thread waits long (schedule_delay) only while nothing waits
-        # to be absorbed or written; emit then wakes it. When the window it writes is due.
-        self._idle = True
+        # Streaming: emit wakes the export thread while it is idle (nothing queued), and
+        # when the window it is building is to be written.
+        self._idle = False
         self._write_at = 0.0
 
     # ------------------------------------------------------------------ request path
@@ -153,45 +153,56 @@ class BatchProcessor:
         while True:
             self._wake.wait(self.schedule_delay)
             self._wake.clear()
+            # Taken before the drain, so whatever was emitted before they were asked for is
+            # exported before they are answered (a later one rings again).
+            waiters, stopping = self._take_flush_requests()
             self._drain(deadline=None)
-            if self._answer_flushes():
+            for w in waiters:
+                w.set()
+            if stopping:
                 return
 
-    def _answer_flushes(self) -> bool:
-        """Tell the flushes asked for so far that they are done; True when shutting down."""
+    def _take_flush_requests(self) -> tuple[list[threading.Event], bool]:
+        """The flushes asked for so far, and whether shutdown was."""
         with self._lock:
             waiters, self._flush_requests = self._flush_requests, []
-            stopping = self._shutdown
-        for w in waiters:
-            w.set()
-        return stopping
+            return waiters, self._shutdown
 
     def _run_streaming(self) -> None:
-        """Absorb the queued records every ``ABSORB_INTERVAL``; write the window when due."""
+        """Hand the queued records over as they come, at most every ``ABSORB_INTERVAL``;
+        write the window when it is due (``schedule_delay`` after its first record), full,
+        or a flush asks for it. Sleeps until ``emit`` wakes it while nothing waits."""
         exporter: Any = self.exporter
         while True:
-            if self._queue or exporter.pending:
-                self._idle = False
-                wait = min(ABSORB_INTERVAL, max(self._write_at - time.monotonic(), 0.0))
-            else:
-                self._idle = True
-                wait = self.schedule_delay
-                if self._queue:  # emitted as the flag was set: do not sleep on it
-                    self._idle = False
-                    wait = 0.0
-            self._wake.wait(wait)
-            self._wake.clear()
+            waiters, stopping = self._take_flush_requests()  # before the work, as in _run
             self._absorb()
-            with self._lock:
-                flush = bool(self._flush_requests) or self._shutdown
             if (
-                flush
+                waiters
+                or stopping
                 or time.monotonic() >= self._write_at
                 or exporter.pending >= self.max_export_batch_size
             ):
                 self._write_window()
-            if self._answer_flushes():
+            for w in waiters:
+                w.set()
+            if stopping:
                 return
+            # Records that come meanwhile wait for the next hand-over (emit does not ring).
+            if self._wake.wait(ABSORB_INTERVAL):
+                self._wake.clear()
+            if self._queue or self._flush_wanted():
+                continue
+            self._idle = True  # emit rings from here on
+            if not self._queue:
+                wait = self._write_at - time.monotonic() if exporter.pending else None
+                if wait is None or wait > 0:
+                    self._wake.wait(self.schedule_delay if wait is None else wait)
+                self._wake.clear()
+            self._idle = False
+
+    def _flush_wanted(self) -> bool:
+        with self._lock:
+            return bool(self._flush_requests) or self._shutdown
 
     def _absorb(self) -> None:
         """Hand the queued records to the streaming exporter (they are then its to keep)."""
@@ -210,13 +221,13 @@ class BatchProcessor:
             )
 
     def _write_window(self) -> None:
+        self._absorb()  # what came since, as a flush or shutdown expects it written
         pending = self.exporter.pending  # type: ignore[attr-defined]
         if pending:
             self._export([], pending)
 
     def _drain(self, deadline: float | None) -> None:
         if self._stream:  # absorbing is quick: all of it, then one write
-            self._absorb()
             self._write_window()
             return
         while self._queue:

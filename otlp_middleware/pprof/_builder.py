@@ -28,9 +28,11 @@ HEAP_SAMPLE_TYPES = (
 class PprofBuilder:
     """Accumulates samples (stacks of frame ids + values + labels) into one pprof Profile.
 
-    ``stream=True`` writes each sample into the profile message as it is added, without
-    merging identical ones: nothing per sample is kept in Python objects, which suits a
-    builder that stays open for a whole export window (see ``PprofWindow``).
+    ``stream=True`` writes each sample added with ``unique=True`` (labels no other sample
+    has, such as a request's trace id) into the profile message at once, instead of keeping
+    it in Python objects to merge: this suits a builder that stays open for a whole export
+    window (see ``PprofWindow``). Other samples are merged as usual; their keys stop growing
+    once the app's code paths have been seen.
 
     Example::
 
@@ -118,15 +120,21 @@ class PprofBuilder:
         stack: Sequence[int],
         values: Sequence[int],
         labels: Mapping[str, LabelValue] | None = None,
+        *,
+        unique: bool = False,
     ) -> None:
-        """Add one sample; identical stacks with identical labels are summed."""
+        """Add one sample; identical stacks with identical labels are summed.
+
+        ``unique``: the labels are this sample's request's own (a trace id): a streaming
+        builder writes it out at once, as there is nothing to merge it with.
+        """
         if len(values) != self._n_values:
             raise ValueError(f"expected {self._n_values} values, got {len(values)}")
         frames = stack if isinstance(stack, tuple) else tuple(stack)
         locs = self._locations_by_stack.get(frames)
         if locs is None:  # stacks repeat: each is resolved once
             locs = self._locations_by_stack[frames] = tuple(self._location(f) for f in frames)
-        if self._stream:
+        if unique and self._stream:
             sample = self._profile.sample.add(location_id=locs, value=values)
             if labels:
                 string = self.string
@@ -203,23 +211,39 @@ def heap_builder(
 
 
 def add_cpu_samples(
-    b: PprofBuilder, samples: Iterable[CpuSample], labels: Mapping[str, LabelValue]
+    b: PprofBuilder,
+    samples: Iterable[CpuSample],
+    labels: Mapping[str, LabelValue],
+    *,
+    unique: bool = False,
 ) -> None:
-    """Add CPU samples labelled with their thread and ``labels`` (trace, route, ...)."""
+    """Add CPU samples labelled with their thread and ``labels`` (trace, route, ...).
+
+    ``unique``: ``labels`` are the request's own (see ``PprofBuilder.add``).
+    """
     for s in samples:
         lab: dict[str, LabelValue] = {"thread_id": s.thread_id, "thread_name": s.thread_name}
         lab.update(labels)
-        b.add(s.stack, (1 if s.cpu_ns or s.wall_ns else 0, s.cpu_ns, s.wall_ns), lab)
+        b.add(s.stack, (1 if s.cpu_ns or s.wall_ns else 0, s.cpu_ns, s.wall_ns), lab, unique=unique)
 
 
 def add_heap_samples(
-    b: PprofBuilder, samples: Iterable[HeapSample], labels: Mapping[str, LabelValue]
+    b: PprofBuilder,
+    samples: Iterable[HeapSample],
+    labels: Mapping[str, LabelValue],
+    *,
+    unique: bool = False,
 ) -> None:
-    """Add heap samples labelled with their thread and ``labels``."""
+    """Add heap samples labelled with their thread and ``labels`` (see ``add_cpu_samples``)."""
     for h in samples:
         lab: dict[str, LabelValue] = {"thread_id": h.thread_id, "thread_name": h.thread_name}
         lab.update(labels)
-        b.add(h.stack, (h.alloc_objects, h.alloc_bytes, h.inuse_objects, h.inuse_bytes), lab)
+        b.add(
+            h.stack,
+            (h.alloc_objects, h.alloc_bytes, h.inuse_objects, h.inuse_bytes),
+            lab,
+            unique=unique,
+        )
 
 
 def cpu_profile(

@@ -2,12 +2,12 @@
 
 ``merged_profiles`` renders a batch of records at once, so the records of a whole window
 (seconds of traffic) wait in memory as Python objects until it runs. A window instead adds
-each record's samples to its profiles as the record comes (``add``), straight into the
-profile messages; the records can go at once. What stays in Python objects for the window
-is what its profiles share (strings, functions, locations, stacks), which stops growing once
-the app's code paths have been seen. Many small objects held for seconds and then freed
-together reorder CPython's allocator pools and slow the app's own allocations; measured in
-``docs/deployment.md``.
+each record's samples to its profiles as the record comes (``add``); the records can go at
+once. What stays in Python objects for the window is what its profiles share (strings,
+functions, locations, stacks, the sums of the samples of requests without a span), which
+stops growing once the app's code paths have been seen. Many small objects held for seconds
+and then freed together reorder CPython's allocator pools and slow the app's own
+allocations; measured in ``docs/deployment.md``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from .profile_pb2 import Profile
 class PprofWindow:
     """Records merged into one pprof per kind (``cpu``, ``heap``) as they are added.
 
-    Every sample keeps its request's labels, as in ``merged_profiles``; identical samples are
-    not merged (pprof readers add them up).
+    Every sample keeps its request's labels, as in ``merged_profiles``. Samples of requests
+    with a span (their trace and span ids are labels) are written into the profile message as
+    they come, unmerged (pprof readers add them up); the others merge as in
+    ``merged_profiles``, by stack and labels.
 
     Example::
 
@@ -49,13 +51,16 @@ class PprofWindow:
         if record.is_empty:
             return False
         labels = record_labels(record)
+        # A request's trace and span ids make its samples its own: they are written out at
+        # once; without them, samples of many requests merge and only their keys are kept.
+        unique = record.link is not None
         if record.cpu_samples:
             b = self._cpu
             if b is None:
                 b = self._cpu = cpu_builder(record.cpu_period_ns, stream=True)
             else:
                 b.widen_period(record.cpu_period_ns)
-            add_cpu_samples(b, record.cpu_samples, labels)
+            add_cpu_samples(b, record.cpu_samples, labels, unique=unique)
             self._cpu_records += 1
         if record.heap_samples:
             b = self._heap
@@ -63,7 +68,7 @@ class PprofWindow:
                 b = self._heap = heap_builder(record.heap_period_bytes, stream=True)
             else:
                 b.widen_period(record.heap_period_bytes)
-            add_heap_samples(b, record.heap_samples, labels)
+            add_heap_samples(b, record.heap_samples, labels, unique=unique)
             self._heap_records += 1
         start, end = record.start_time_ns, record.start_time_ns + record.duration_ns
         if not self.records or start < self.start_ns:
