@@ -609,3 +609,122 @@ def test_secrets_never_reach_logs_or_reprs(
     # the "httpx" logger), but this library's own logs and reprs strip the query string.
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("otlp_middleware")]
     assert ours and not any("url-SECRET" in text for text in [*ours, *texts[1:]])
+
+
+# -- streaming: records merged as the batch processor hands them over --------------------
+
+
+def _without_ids(request: ExportProfilesServiceRequest) -> ExportProfilesServiceRequest:
+    out = ExportProfilesServiceRequest()
+    out.CopyFrom(request)
+    for rp in out.resource_profiles:
+        for sp in rp.scope_profiles:
+            for p in sp.profiles:
+                p.profile_id = b""  # a fresh batch id per encoding
+    return out
+
+
+def test_a_record_window_encodes_what_the_batch_would() -> None:
+    from otlp_middleware.otlp import RecordWindow, ResourceConfig
+
+    resource = ResourceConfig.resolve(environ={})
+    records = [make_record(), make_record(heap=2), make_record(cpu=[]), make_record(link=None)]
+    window = RecordWindow()
+    assert [window.add(r) for r in records] == [True, True, False, True]
+    assert (window.records, window.samples) == (3, 5)
+    got = window.request(resource)
+    check_request(got)
+    assert _without_ids(got) == _without_ids(encode_profiles(records, resource=resource))
+    assert window.estimated_bytes() >= got.ByteSize()
+
+
+def test_absorbed_records_go_in_one_request_at_the_next_export(serve, exporter_for) -> None:  # type: ignore[no-untyped-def]
+    import weakref
+
+    server = serve(Reply(body=ok_body()), Reply(body=ok_body()))
+    exporter = exporter_for(server.url)
+    assert exporter.streaming and exporter.pending == 0
+    records = [make_record() for _ in range(3)]
+    refs = [weakref.ref(r) for r in records]
+    exporter.absorb(records[:2])
+    del records[:2]
+    assert exporter.pending == 2 and [r() for r in refs[:2]] == [None, None]
+    assert server.requests == []  # nothing sent before the export
+    result = exporter.export(records)
+    assert result.success and result.exported == 3 and exporter.pending == 0
+    (request,) = server.requests
+    decoded = request.decoded()
+    check_request(decoded)
+    (cpu,) = [
+        p
+        for rp in decoded.resource_profiles
+        for sp in rp.scope_profiles
+        for p in sp.profiles
+        if decoded.dictionary.string_table[p.sample_type.type_strindex] == "samples"
+    ]
+    assert sum(s.values[0] for s in cpu.samples) == 3
+
+
+def test_an_absorbed_window_over_the_limit_is_dropped_and_counted(serve, exporter_for) -> None:  # type: ignore[no-untyped-def]
+    names = tuple(f"function_with_a_very_long_descriptive_name_{i}" for i in range(40))
+    server = serve()
+    exporter = exporter_for(server.url, max_request_bytes=1024)
+    exporter.absorb([make_record(cpu=[(names, 1)]), make_record()])
+    assert exporter.window_full  # the batch processor would have sent it by now
+    result = exporter.export([])
+    assert not result.success and "too large" in result.error_message
+    assert exporter.stats() == ExporterStats(dropped=2) and server.requests == []
+
+
+def test_an_unencodable_record_is_dropped_alone_when_absorbed(serve, exporter_for) -> None:  # type: ignore[no-untyped-def]
+    server = serve()
+    broken = make_record()
+    broken.cpu_samples = [broken.cpu_samples[0]._replace(stack=(10**12,))]  # unknown frame id
+    exporter = exporter_for(server.url)
+    exporter.absorb([broken, make_record()])
+    assert exporter.pending == 1 and exporter.stats().dropped == 1
+    assert exporter.export([]).exported == 3
+    check_request(server.requests[0].decoded())
+
+
+def test_the_batch_processor_streams_to_the_exporter(serve) -> None:  # type: ignore[no-untyped-def]
+    from otlp_middleware.export import BatchProcessor
+
+    server = serve(*[Reply(body=ok_body())] * 4)
+    exporter = ProfileExporter(ProfileExporterConfig(endpoint=server.url), environ={})
+    processor = BatchProcessor(exporter, schedule_delay=30)
+    try:
+        for _ in range(4):
+            processor.emit(make_record())
+        deadline = time.monotonic() + 10
+        while exporter.pending < 4:
+            assert time.monotonic() < deadline, processor.stats()
+            time.sleep(0.02)
+        assert server.requests == []
+        assert processor.force_flush(10)
+        assert len(server.requests) == 1 and processor.stats().queued == 0
+        check_request(server.requests[0].decoded())
+    finally:
+        processor.shutdown(10)
+    assert processor.stats().failed == 0 and exporter.stats().exported == 3
+
+
+def test_a_window_near_the_size_limit_is_sent_without_waiting(serve) -> None:  # type: ignore[no-untyped-def]
+    from otlp_middleware.export import BatchProcessor
+
+    server = serve(*[Reply(body=ok_body())] * 8)
+    exporter = ProfileExporter(
+        ProfileExporterConfig(endpoint=server.url, max_request_bytes=200_000), environ={}
+    )
+    processor = BatchProcessor(exporter, schedule_delay=30)
+    try:
+        for _ in range(40):  # each sample may add a 128-frame stack: full after ~16
+            processor.emit(make_record())
+        deadline = time.monotonic() + 10
+        while not server.requests:
+            assert time.monotonic() < deadline, processor.stats()
+            time.sleep(0.02)
+    finally:
+        processor.shutdown(10)
+    assert all(r.decoded().ByteSize() <= 200_000 for r in server.requests)
+    assert processor.stats().failed == 0

@@ -4,13 +4,13 @@
 record and counts it) and wakes the export thread only when a full batch is waiting. The
 thread, started lazily on the first emit, exports a batch every ``schedule_delay`` seconds or
 as soon as ``max_export_batch_size`` records wait. An exporter that merges records as they
-come (``streaming``: ``FileExporter(aggregate=True)``) is handed them every
-``ABSORB_INTERVAL`` instead, and writes its window at the cadence of a batch: the records
-are not held for seconds (``PprofWindow`` says why that matters). ``force_flush(timeout)``
-and ``shutdown(timeout)`` honour their deadlines. Pending records are flushed at interpreter
-exit, and a forked child gets a fresh, empty queue and starts its own thread when it first
-emits (``os.register_at_fork`` through a ``WeakMethod``, as OpenTelemetry's BatchProcessor
-does).
+come (``streaming``: ``FileExporter(aggregate=True)``, the OTLP ``ProfileExporter``) is
+handed them every ``ABSORB_INTERVAL`` instead, and writes its window at the cadence of a
+batch: the records are not held for seconds (``PprofWindow`` says why that matters).
+``force_flush(timeout)`` and ``shutdown(timeout)`` honour their deadlines. Pending records
+are flushed at interpreter exit, and a forked child gets a fresh, empty queue and starts its
+own thread when it first emits (``os.register_at_fork`` through a ``WeakMethod``, as
+OpenTelemetry's BatchProcessor does).
 """
 
 from __future__ import annotations
@@ -176,11 +176,12 @@ class BatchProcessor:
         while True:
             waiters, stopping = self._take_flush_requests()  # before the work, as in _run
             self._absorb()
-            if (
-                waiters
-                or stopping
-                or time.monotonic() >= self._write_at
+            if waiters or stopping:
+                self._write_window(everything=True)
+            elif (
+                time.monotonic() >= self._write_at
                 or exporter.pending >= self.max_export_batch_size
+                or getattr(exporter, "window_full", False)
             ):
                 self._write_window()
             for w in waiters:
@@ -209,9 +210,12 @@ class BatchProcessor:
         queue = self._queue
         if not queue:
             return
-        if not self.exporter.pending:  # type: ignore[attr-defined]
+        pending = self.exporter.pending  # type: ignore[attr-defined]
+        if not pending:
             self._write_at = time.monotonic() + self.schedule_delay
-        batch = [queue.popleft() for _ in range(len(queue))]
+        # no more than a batch's worth in one window
+        room = max(self.max_export_batch_size - pending, 1)
+        batch = [queue.popleft() for _ in range(min(room, len(queue)))]
         try:
             self.exporter.absorb(batch)  # type: ignore[attr-defined]
         except Exception:
@@ -220,15 +224,20 @@ class BatchProcessor:
                 "otlp_middleware: exporter %r failed", type(self.exporter).__name__
             )
 
-    def _write_window(self) -> None:
-        self._absorb()  # what came since, as a flush or shutdown expects it written
-        pending = self.exporter.pending  # type: ignore[attr-defined]
-        if pending:
-            self._export([], pending)
+    def _write_window(self, everything: bool = False) -> None:
+        """Write the window, with what came since; ``everything`` queued (a flush, the
+        shutdown), in as many windows as it takes."""
+        while True:
+            self._absorb()
+            pending = self.exporter.pending  # type: ignore[attr-defined]
+            if pending:
+                self._export([], pending)
+            if not (everything and self._queue):
+                return
 
     def _drain(self, deadline: float | None) -> None:
-        if self._stream:  # absorbing is quick: all of it, then one write
-            self._write_window()
+        if self._stream:  # absorbing is quick: all of it, in windows of a batch at most
+            self._write_window(everything=True)
             return
         while self._queue:
             if deadline is not None and time.monotonic() >= deadline:

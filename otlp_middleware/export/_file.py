@@ -64,6 +64,7 @@ class FileExporter:
         self._lock = threading.Lock()
         self._window = PprofWindow()
         self.files_written = 0
+        self.dropped = 0  # records absorb() could not render
 
     @property
     def streaming(self) -> bool:
@@ -82,7 +83,11 @@ class FileExporter:
         with self._lock:
             window = self._window
             for r in records:
-                window.add(r)
+                try:
+                    window.add(r)
+                except Exception:  # a bug while rendering: this record is lost, not the rest
+                    self.dropped += 1
+                    logger.warning("otlp_middleware: could not render a profile", exc_info=True)
 
     def drop_pending(self) -> None:
         """Forget the absorbed records: a forked child's (they are its parent's to write).

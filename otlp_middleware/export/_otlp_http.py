@@ -54,6 +54,7 @@ from ..otlp._attributes import AttributeValue, PlainValue
 from ..otlp._encode import (
     DEFAULT_SAMPLE_ATTRIBUTE_KEYS,
     Exportable,
+    RecordWindow,
     count_profiles,
     encode_profiles,
 )
@@ -400,6 +401,9 @@ class ProfileExporter:
         self._inflight = 0
         self._counts = {k: 0 for k in ("exported", "failed", "retried", "rejected", "dropped")}
         self._client = self._make_client()
+        # Streaming (merge mode, behind the BatchProcessor): the records absorbed so far.
+        self._window_lock = threading.Lock()
+        self._window = RecordWindow(self._config.sample_attribute_keys)
         if hasattr(os, "register_at_fork"):
             # A forked worker must not share the parent's pooled sockets.
             ref = weakref.WeakMethod(self._after_fork_in_child)
@@ -424,6 +428,7 @@ class ProfileExporter:
         )
 
     def _after_fork_in_child(self) -> None:
+        self.drop_pending()  # the parent's, to send
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._inflight = 0
@@ -458,8 +463,80 @@ class ProfileExporter:
             return ExporterStats(**self._counts)
 
     def export(self, records: Sequence[ProfileRecord]) -> ExportResult:
-        """The ``Exporter`` protocol: send a batch of records (same as ``export_profiles``)."""
-        return self.export_profiles(records)
+        """The ``Exporter`` protocol: send a batch of records (as ``export_profiles``).
+
+        After ``absorb`` (the ``BatchProcessor`` in merge mode), the batch is sent with
+        the records absorbed since the last export, merged as they came.
+        """
+        if not self._window.records or not all(isinstance(r, ProfileRecord) for r in records):
+            return self.export_profiles(records)  # (the window waits for the next export)
+        self.absorb(records)
+        with self._window_lock:
+            window, self._window = self._window, RecordWindow(self._config.sample_attribute_keys)
+        if not window.records:
+            return ExportResult(success=True)
+        return self._export_requests(window.records, lambda: self._window_request(window))
+
+    # -- streaming: the BatchProcessor hands records over as they come (see export._batch)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether records are merged as they are handed over (``merge``, the default)."""
+        return self._config.merge
+
+    @property
+    def pending(self) -> int:
+        """Records absorbed and not sent yet."""
+        return self._window.records
+
+    @property
+    def window_full(self) -> bool:
+        """Whether the absorbed records may make a request near ``max_request_bytes``."""
+        return self._window.estimated_bytes() > self._config.max_request_bytes // 2
+
+    def absorb(self, records: Sequence[ProfileRecord]) -> None:
+        """Merge ``records`` into the request the next ``export`` sends (merge mode)."""
+        if not self.streaming:
+            raise ValueError("absorb() needs merge=True")
+        with self._window_lock:
+            window = self._window
+            for r in records:
+                try:
+                    window.add(r)
+                except Exception:  # a bug while encoding: this record is lost, not the rest
+                    self._count(dropped=1)
+                    logger.warning("could not encode a profile; dropped", exc_info=True)
+
+    def drop_pending(self) -> None:
+        """Forget the absorbed records: a forked child's (they are its parent's to send).
+
+        Takes no lock: the parent's thread that may have held it does not exist in the
+        child; the lock is made anew.
+        """
+        self._window_lock = threading.Lock()
+        self._window = RecordWindow(self._config.sample_attribute_keys)
+
+    def _window_request(
+        self, window: RecordWindow
+    ) -> Iterator[tuple[ExportProfilesServiceRequest | None, ExportResult]]:
+        """The window's one request; over ``max_request_bytes`` it is dropped, as there are
+        no records left to split (``window_full`` has the window sent well before)."""
+        request = window.request(self._resource)
+        size = request.ByteSize()
+        if size <= self._config.max_request_bytes:
+            if count_profiles(request):
+                yield request, ExportResult(success=True)
+            return
+        with self._lock:
+            self._counts["dropped"] += window.records
+        self._warn.warning(
+            "too-large",
+            "dropping %d merged profiles of %d encoded bytes: over max_request_bytes=%d",
+            window.records,
+            size,
+            self._config.max_request_bytes,
+        )
+        yield None, ExportResult(success=False, error_message="profiles too large")
 
     def export_profile(self, profile: Exportable) -> ExportResult:
         """Send one ``BuiltProfile`` or ``ProfileRecord``."""
@@ -474,18 +551,26 @@ class ProfileExporter:
         items = [p for p in profiles if not (isinstance(p, ProfileRecord) and p.is_empty)]
         if not items:
             return ExportResult(success=True)
+        return self._export_requests(len(items), lambda: self._requests(items))
+
+    def _export_requests(
+        self,
+        n: int,
+        requests: Callable[[], Iterator[tuple[ExportProfilesServiceRequest | None, ExportResult]]],
+    ) -> ExportResult:
+        """Send the ``requests()`` of ``n`` profiles; one result for them all."""
         with self._lock:
             if self._closed.is_set():
-                self._counts["dropped"] += len(items)
+                self._counts["dropped"] += n
                 return ExportResult(success=False, error_message="exporter is shut down")
             self._inflight += 1
         results: list[ExportResult] = []
         try:
-            for request, dropped in self._requests(items):
+            for request, dropped in requests():
                 results.append(self._send(request) if request is not None else dropped)
         except Exception as exc:  # a bug while encoding must not kill the export thread
-            self._count(dropped=len(items))
-            logger.warning("could not encode %d profiles; dropped", len(items), exc_info=True)
+            self._count(dropped=n)
+            logger.warning("could not encode %d profiles; dropped", n, exc_info=True)
             results.append(ExportResult(False, error_message=f"encoding failed: {exc!r}"))
         finally:
             with self._lock:

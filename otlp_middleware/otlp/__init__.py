@@ -11,6 +11,7 @@ from ._builder import ProfileBuilder as ProfileBuilder
 from ._builder import generate_profile_id as generate_profile_id
 from ._encode import DEFAULT_SAMPLE_ATTRIBUTE_KEYS as DEFAULT_SAMPLE_ATTRIBUTE_KEYS
 from ._encode import Exportable as Exportable
+from ._encode import RecordWindow as RecordWindow
 from ._encode import count_profiles as count_profiles
 from ._encode import encode_profiles as encode_profiles
 from ._resource import ResourceConfig as ResourceConfig
@@ -21,6 +22,7 @@ __all__ = [
     "BuiltProfile",
     "Exportable",
     "ProfileBuilder",
+    "RecordWindow",
     "ResourceConfig",
     "count_profiles",
     "encode_profiles",

@@ -479,6 +479,16 @@ def encode_profiles(
             raise TypeError(
                 f"cannot encode {type(item).__name__}: expected ProfileRecord or BuiltProfile"
             )
+    return _request(enc, groups, record_accs, resource)
+
+
+def _request(
+    enc: _Encoder,
+    groups: dict[frozenset[tuple[str, AttributeValue]], list[_ProfileAcc]],
+    record_accs: dict[object, _ProfileAcc],
+    resource: ResourceConfig,
+) -> ExportProfilesServiceRequest:
+    """The request of the profiles ``enc`` assembled: per resource, then its dictionary."""
     if record_accs:
         # A type whose every value was zero (say inuse_space) has nothing to say: skip it.
         groups.setdefault(frozenset(), [])[:0] = [a for a in record_accs.values() if a.samples]
@@ -497,6 +507,55 @@ def encode_profiles(
         )
     request.dictionary.CopyFrom(enc.d.to_proto())
     return request
+
+
+class RecordWindow:
+    """``ProfileRecord``s merged into one request's profiles as they are added.
+
+    ``encode_profiles(records)`` (merge mode) encodes a batch at once, so the records of a
+    whole export window wait as Python objects until it runs; a window instead merges each
+    record as it comes (``add``) and the record can go. What the window keeps is what its
+    profiles share (the dictionary, and one sum per distinct stack, link and attributes),
+    which stops growing once the app's code paths have been seen, except for each request's
+    span link. ``request()`` is then what ``encode_profiles`` would have made of the records.
+
+    Example::
+
+        window = RecordWindow()
+        for record in records:
+            window.add(record)
+        body = window.request(resource).SerializeToString()
+    """
+
+    def __init__(self, sample_attribute_keys: Sequence[str] = DEFAULT_SAMPLE_ATTRIBUTE_KEYS):
+        self._enc = _Encoder(sample_attribute_keys)
+        self._accs: dict[object, _ProfileAcc] = {}
+        self._batch_id = new_profile_id()
+        self.records = 0  # records with samples added
+        self.samples = 0  # their samples (a bound on the request's size: see estimated_bytes)
+
+    def add(self, record: ProfileRecord) -> bool:
+        """Merge ``record`` in; False (nothing added) for a record without samples."""
+        if record.is_empty:
+            return False
+        self._enc.add_record(record, self._accs, True, self._batch_id)
+        self.records += 1
+        self.samples += len(record.cpu_samples) + len(record.heap_samples)
+        return True
+
+    def estimated_bytes(self, max_stack_depth: int = 128) -> int:
+        """An upper estimate of the encoded request: each sample as if its stack were new.
+
+        A sample takes some 30 bytes in its profiles (indices and values, in each of the
+        three sample types); a new stack at most ``max_stack_depth`` locations with their
+        functions and names; a record's span link some 40.
+        """
+        return 4096 + self.records * 40 + self.samples * (90 + 48 * max_stack_depth)
+
+    def request(self, resource: ResourceConfig | None = None) -> ExportProfilesServiceRequest:
+        """The window's records as one request (the window must not be added to after)."""
+        resource = resource if resource is not None else ResourceConfig.resolve()
+        return _request(self._enc, {}, self._accs, resource)
 
 
 def count_profiles(request: ExportProfilesServiceRequest) -> int:
