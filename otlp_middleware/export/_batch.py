@@ -303,6 +303,8 @@ class BatchProcessor:
                 left,
             )
             self._queue.clear()
+            if self._stream and (thread is None or not thread.is_alive()):
+                self.exporter.drop_pending()  # type: ignore[attr-defined]  # counted above
         try:
             self.exporter.shutdown(max(deadline - time.monotonic(), 0.0))
         except Exception:

@@ -118,10 +118,9 @@ class FileExporter:
         return ExportResult(success=True, exported=len(records))
 
     def _export_window(self, records: Sequence[ProfileRecord]) -> ExportResult:
+        self.absorb(records)
         with self._lock:
             window = self._window
-            for r in records:
-                window.add(r)
             n = window.records
             if not n:
                 return ExportResult(success=True)
