@@ -686,7 +686,7 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
     release = ENGINE.release_request
 
     def releasing(watcher: Any, finish: Any) -> None:
-        handed_on.append(finish.args[1]["path"])  # finish: _finish_lean with the ASGI scope
+        handed_on.append(finish.args[2])  # finish: _finish_lean with the request's route
         release(watcher, finish)
 
     monkeypatch.setattr(ENGINE, "release_request", releasing)
@@ -708,6 +708,71 @@ def test_a_request_that_only_waited_while_another_ran_exports_nothing(
         assert stats.empty >= 1  # /wait: quiet, though samples were taken in its window
     if handed_on:  # the lean path (taken when the sampler already runs at this rate)
         assert "/busy" in handed_on and set(handed_on) <= set(by_route)
+
+
+@pytest.mark.skipif(
+    not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
+    reason="the lean path runs on the native tier",
+)
+def test_a_handed_on_request_lets_go_of_the_servers_send_and_scope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that took samples waits for the collector (up to a second) with only what
+    its record needs: the server's ``send`` (and all it holds) and the ASGI scope go at its
+    end, and a late call of the request's ``send`` is an error, not a write."""
+    import gc
+    import weakref
+
+    exporter = KeepingExporter()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        workloads.hot_function(0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    class ServerSend:
+        async def __call__(self, message: Any) -> None:
+            pass
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    mw = make(app, exporter)
+    kept: list[Any] = []
+    release = ENGINE.release_request
+
+    def releasing(watcher: Any, finish: Any) -> None:
+        kept.append(watcher)  # as the engine's queue does, until the collector runs
+        release(watcher, finish)
+
+    monkeypatch.setattr(ENGINE, "release_request", releasing)
+    refs: list[weakref.ref[Any]] = []
+
+    async def one() -> None:
+        send, scope = ServerSend(), _Scope(type="http", method="GET", path="/x")
+        refs[:] = [weakref.ref(send), weakref.ref(scope)]
+        await mw(scope, receive, send)
+
+    async def main() -> None:
+        await asgi_get(mw, "/warm")  # the first request starts and arms the sampler
+        for _ in range(5):
+            await one()
+            if kept:
+                return
+
+    asyncio.run(main())
+    if not kept:
+        pytest.skip("no request took the lean path with a sample")
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # the server's send, the ASGI scope
+    with pytest.raises(RuntimeError, match="ended"):
+        asyncio.run(kept[-1]({"type": "http.response.body", "body": b"late"}))
+    mw.profiler.shutdown(5)
+    assert exporter.records
+
+
+class _Scope(dict):  # type: ignore[type-arg]
+    """A dict that can be weakly referenced."""
 
 
 @pytest.mark.skipif(

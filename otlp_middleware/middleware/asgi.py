@@ -165,7 +165,9 @@ class ProfilingMiddleware:
                     profiler._empty += 1
                 else:  # the context now: the collector reads the OpenTelemetry span from it
                     context = copy_context()
-                    finish = partial(_finish_lean, profiler, scope, root_path, error, context)
+                    route = _route_or_none(scope, root_path)  # not the scope: it can go
+                    method = scope.get("method", "GET")
+                    finish = partial(_finish_lean, profiler, method, route, error, context)
                     ENGINE.release_request(watcher, finish)
             except Exception:
                 profiler._fault("closing a request's profile")
@@ -275,21 +277,19 @@ def _watch_send(
 
 def _finish_lean(
     profiler: RequestProfiler,
-    scope: Scope,
-    root_path: str,
+    method: str,
+    route: str | None,
     error: BaseException | None,
     context: Context,
     watcher: Any,
     cpu: Any,
 ) -> None:
-    """The record of a lean request that took samples, on the engine's collector thread.
+    """The record of a lean request that took samples, on the engine's collector thread."""
+    profiler._finish_root(method, watcher.status, error, partial(_given, route), context, cpu)
 
-    ``root_path``: the scope's as the request began (a mount adds its prefix to the scope's
-    own as it routes, see ``route_template``).
-    """
-    route = partial(_route_or_none, scope, root_path)
-    method = scope.get("method", "GET")
-    profiler._finish_root(method, watcher.status, error, route, context, cpu)
+
+def _given(route: str | None) -> str | None:
+    return route
 
 
 def _route_or_none(scope: Scope, root_path: str) -> str | None:

@@ -2344,6 +2344,10 @@ static PyObject *watcher_vectorcall(PyObject *self, PyObject *const *args, size_
     if (n == 1 && kwnames == NULL) {
         watch(w, args[0]);
     }
+    if (w->send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "send() after the request ended");
+        return NULL;
+    }
     return PyObject_Vectorcall(w->send, args, nargsf, kwnames);
 }
 
@@ -2447,6 +2451,7 @@ static PyObject *py_release_request(PyObject *self, PyObject *const *args, Py_ss
         return NULL;
     }
     Py_XSETREF(w->finish, Py_NewRef(args[2]));
+    Py_CLEAR(w->send); /* the request has ended: what the server's send holds can go now */
     PyObject *res = PyObject_CallMethodOneArg(args[0], s_append, args[1]);
     if (res == NULL) {
         return NULL;
