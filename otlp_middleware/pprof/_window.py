@@ -12,10 +12,16 @@ allocations; measured in ``docs/deployment.md``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from ..types import ProfileRecord
 from ._builder import PprofBuilder, add_cpu_samples, add_heap_samples, cpu_builder, heap_builder
 from ._records import record_labels
 from .profile_pb2 import Profile
+
+# a kind of sample: name, the record's samples of it, their period, builder, adder
+_Kind = tuple[str, Sequence[Any], int, Callable[..., PprofBuilder], Callable[..., None]]
 
 
 class PprofWindow:
@@ -38,10 +44,8 @@ class PprofWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self._cpu: PprofBuilder | None = None
-        self._heap: PprofBuilder | None = None
-        self._cpu_records = 0
-        self._heap_records = 0
+        # per kind ("cpu", "heap"): its builder, and how many records added to it
+        self._builders: dict[str, tuple[PprofBuilder, list[int]]] = {}
         self.records = 0  # records with samples added since the last take()
         self.start_ns = 0  # the earliest start among them
         self._end_ns = 0
@@ -54,22 +58,20 @@ class PprofWindow:
         # A request's trace and span ids make its samples its own: they are written out at
         # once; without them, samples of many requests merge and only their keys are kept.
         unique = record.link is not None
-        if record.cpu_samples:
-            b = self._cpu
-            if b is None:
-                b = self._cpu = cpu_builder(record.cpu_period_ns, stream=True)
+        kinds: tuple[_Kind, ...] = (
+            ("cpu", record.cpu_samples, record.cpu_period_ns, cpu_builder, add_cpu_samples),
+            ("heap", record.heap_samples, record.heap_period_bytes, heap_builder, add_heap_samples),
+        )
+        for kind, samples, period, make, add in kinds:
+            if not samples:
+                continue
+            entry = self._builders.get(kind)
+            if entry is None:
+                entry = self._builders[kind] = (make(period, stream=True), [0])
             else:
-                b.widen_period(record.cpu_period_ns)
-            add_cpu_samples(b, record.cpu_samples, labels, unique=unique)
-            self._cpu_records += 1
-        if record.heap_samples:
-            b = self._heap
-            if b is None:
-                b = self._heap = heap_builder(record.heap_period_bytes, stream=True)
-            else:
-                b.widen_period(record.heap_period_bytes)
-            add_heap_samples(b, record.heap_samples, labels, unique=unique)
-            self._heap_records += 1
+                entry[0].widen_period(period)
+            add(entry[0], samples, labels, unique=unique)
+            entry[1][0] += 1
         start, end = record.start_time_ns, record.start_time_ns + record.duration_ns
         if not self.records or start < self.start_ns:
             self.start_ns = start
@@ -82,12 +84,8 @@ class PprofWindow:
         """The window's profiles (``{}`` if nothing was added); the window starts afresh."""
         out: dict[str, Profile] = {}
         start, duration = self.start_ns, max(self._end_ns - self.start_ns, 0)
-        for kind, b, n in (
-            ("cpu", self._cpu, self._cpu_records),
-            ("heap", self._heap, self._heap_records),
-        ):
-            if b is not None:
-                b.comment(f"requests={n}")
-                out[kind] = b.build(time_nanos=start, duration_nanos=duration)
+        for kind, (b, n) in self._builders.items():
+            b.comment(f"requests={n[0]}")
+            out[kind] = b.build(time_nanos=start, duration_nanos=duration)
         self._reset()
         return out
