@@ -285,11 +285,7 @@ def _finish_lean(
     cpu: Any,
 ) -> None:
     """The record of a lean request that took samples, on the engine's collector thread."""
-    profiler._finish_root(method, watcher.status, error, partial(_given, route), context, cpu)
-
-
-def _given(route: str | None) -> str | None:
-    return route
+    profiler._finish_root(method, watcher.status, error, route, context, cpu)
 
 
 def _route_or_none(scope: Scope, root_path: str) -> str | None:
