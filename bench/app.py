@@ -8,9 +8,11 @@ SIGUSR1 turns it on, and each SIGUSR1 flips it: one process measured against its
 pyinstrument``). BENCH_HZ sets the sampling rate of ``always``, ``otlp`` and ``switch``
 (default 99); BENCH_WORK the handler's work (default 700 chunks, about 1 ms), and
 BENCH_HANDLER=mixed makes it build and encode records instead of adding ints (see
-``mixed_work``). For diagnosis, BENCH_HANDON=0 drops the requests that may have samples
-instead of handing them on (no record, no export): with BENCH_HZ, ``switch`` then separates
-the request path, the sampling, and the hand-on with what follows it. BENCH_SPLIT=FILE times
+``mixed_work``). For diagnosis, ``always_norecord`` is ``always`` with no record built
+from the requests that took samples (they are handed on and their samples collected, then
+dropped: no record, no export); BENCH_HANDON=0 does the same to ``switch``, which with
+BENCH_HZ then separates the request path, the sampling, and the records with what follows
+them. BENCH_SPLIT=FILE times
 the handler's work on its thread's CPU clock and, at each SIGUSR2, appends to FILE a JSON line
 of the CPU spent so far: in the handler, in the main thread, in the process, in the garbage
 collector (see ``split_snapshot``).
@@ -156,6 +158,27 @@ async def bare_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+def _no_records() -> None:
+    """Requests that took samples are handed on as usual, and their samples collected, but
+    no record is built from them (nothing to export): the diagnosis of ``BENCH_HANDON=0``.
+
+    The collector still gives each such request its samples, so none wait for it among the
+    pending ones (a hand-on dropped instead would leave up to thousands of requests' samples
+    there, which itself slows the app's allocations).
+    """
+    from otlp_middleware.profiling._engine import ENGINE
+
+    release = ENGINE.release_request
+
+    def _ignore(watcher: Any, scope: Any) -> None:
+        pass  # the request's samples are in its scope: dropped with it
+
+    def _hand_on(watcher: Any, finish: Any) -> None:
+        release(watcher, _ignore)
+
+    ENGINE.release_request = _hand_on  # type: ignore[method-assign]
+
+
 MODE = os.environ.get("BENCH_MODE", "bare")
 # Sampling rate of the profiled variants; other rates separate the per-request cost from the
 # per-sample cost (the cost grows linearly with the rate).
@@ -166,7 +189,7 @@ elif MODE == "never":
     app = ProfilingMiddleware(
         bare_app, sampler="never", output_dir=os.environ.get("BENCH_DIR", "profiles")
     )
-elif MODE == "always":
+elif MODE in ("always", "always_norecord"):
     app = ProfilingMiddleware(
         bare_app,
         sampler="always",
@@ -174,6 +197,8 @@ elif MODE == "always":
         aggregate=True,
         output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
+    if MODE == "always_norecord":
+        _no_records()
 elif MODE == "otlp":
     app = ProfilingMiddleware(
         bare_app,
@@ -213,12 +238,7 @@ elif MODE == "switch":
         output_dir=os.environ.get("BENCH_DIR", "profiles"),
     )
     if os.environ.get("BENCH_HANDON", "1") == "0":
-        from otlp_middleware.profiling._engine import ENGINE
-
-        def _drop(watcher: Any, finish: Any) -> None:
-            pass  # the request watcher has ended: forget it, with its samples
-
-        ENGINE.release_request = _drop  # type: ignore[method-assign]
+        _no_records()
 elif MODE == "pyinstrument":
     # A peer for comparison: pyinstrument's Profiler around every request (its documented
     # ASGI recipe), at our 99 Hz interval, the session dropped (no rendering, no export).

@@ -70,3 +70,31 @@ def test_a_variant_names_its_rate_and_the_checkout_it_runs_from(tmp_path: Path) 
     assert parse_mode("always") == ("always", ROOT, {})
     assert parse_mode("always%1") == ("always", ROOT, {"BENCH_HZ": "1"})
     assert parse_mode(f"otlp%297@{tmp_path}") == ("otlp", str(tmp_path), {"BENCH_HZ": "297"})
+
+
+def test_the_no_record_variant_takes_samples_and_writes_no_profile(tmp_path: Path) -> None:
+    """``always_norecord`` samples every request but builds no record: nothing is written.
+
+    At 999 Hz most requests of the handler's work take a sample; the same server in
+    ``always`` mode writes aggregate pprof files at shutdown, this one none.
+    """
+    split = tmp_path / "split.jsonl"
+    split.touch()
+    profiles = tmp_path / "profiles"
+    port = free_port()
+    env = {
+        "BENCH_MODE": "always_norecord",
+        "BENCH_HZ": "999",
+        "BENCH_DIR": str(profiles),
+        "BENCH_SPLIT": str(split),
+    }
+    with serve(uvicorn_argv("bench.app:app", port), port, env) as base:
+        pid = RUNNING[-1]
+        with httpx.Client(base_url=base) as client:
+            for _ in range(60):
+                assert client.get("/").text == "ok"
+        os.kill(pid, signal.SIGUSR2)
+        _wait_for_lines(split, 1)
+    snapshot = json.loads(split.read_text().splitlines()[0])
+    assert snapshot["signal_handler_s"] > 0  # samples were taken
+    assert not profiles.exists() or not any(profiles.iterdir())
