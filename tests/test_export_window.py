@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
-import time
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from otlp_middleware.export._batch import ABSORB_INTERVAL
 from otlp_middleware.pprof import PprofWindow, Profile, merged_profiles, read_profile
 
 from .test_otlp_encode import LINK_B, make_record
+from .workloads import wait_until
 
 
 def totals(profile: Profile) -> Counter[tuple[object, ...]]:
@@ -91,10 +91,7 @@ def test_the_streaming_queue_hands_records_over_at_once_and_writes_one_window(
         for r in records:
             assert processor.emit(r)
         del records, r
-        deadline = time.monotonic() + 10 * ABSORB_INTERVAL + 5
-        while exporter.pending < 5:
-            assert time.monotonic() < deadline, processor.stats()
-            time.sleep(0.02)
+        wait_until(lambda: exporter.pending >= 5, 10 * ABSORB_INTERVAL + 5, processor.stats)
         # absorbed: the queue holds nothing, no file is written before the window is due,
         # and the records themselves are gone (their samples are in the window)
         gc.collect()
@@ -142,10 +139,8 @@ def test_a_full_window_is_written_without_waiting_for_the_schedule(tmp_path: Pat
     try:
         for _ in range(4):
             processor.emit(make_record())
-        deadline = time.monotonic() + 10
-        while processor.stats().exported < 4:  # counted once the file is in place
-            assert time.monotonic() < deadline, processor.stats()
-            time.sleep(0.02)
+        # counted once the file is in place
+        wait_until(lambda: processor.stats().exported >= 4, 10, processor.stats)
         assert len(os.listdir(tmp_path)) == 1
     finally:
         processor.shutdown(10)
@@ -157,10 +152,7 @@ def test_a_forked_child_does_not_write_its_parents_absorbed_records(tmp_path: Pa
     try:
         for _ in range(2):
             processor.emit(make_record())
-        deadline = time.monotonic() + 10
-        while exporter.pending < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: exporter.pending >= 2, 10)
         pid = os.fork()
         if pid == 0:  # the child: nothing of the parent's is pending here
             ok = exporter.pending == 0 and processor.stats().queued == 0

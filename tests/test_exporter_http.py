@@ -37,6 +37,7 @@ from otlp_middleware.otlp import ProfileBuilder, encode_profiles, generate_profi
 from otlp_middleware.types import ProfileRecord
 
 from .test_otlp_encode import check_request, make_record, pprof_with_labels
+from .workloads import wait_until
 
 pytestmark = pytest.mark.server
 
@@ -696,10 +697,7 @@ def test_the_batch_processor_streams_to_the_exporter(serve) -> None:  # type: ig
     try:
         for _ in range(4):
             processor.emit(make_record())
-        deadline = time.monotonic() + 10
-        while exporter.pending < 4:
-            assert time.monotonic() < deadline, processor.stats()
-            time.sleep(0.02)
+        wait_until(lambda: exporter.pending >= 4, 10, processor.stats)
         assert server.requests == []
         assert processor.force_flush(10)
         assert len(server.requests) == 1 and processor.stats().queued == 0
@@ -720,10 +718,7 @@ def test_a_window_near_the_size_limit_is_sent_without_waiting(serve) -> None:  #
     try:
         for _ in range(40):  # each sample may add a 128-frame stack: full after ~16
             processor.emit(make_record())
-        deadline = time.monotonic() + 10
-        while not server.requests:
-            assert time.monotonic() < deadline, processor.stats()
-            time.sleep(0.02)
+        wait_until(lambda: server.requests, 10, processor.stats)
     finally:
         processor.shutdown(10)
     assert all(r.decoded().ByteSize() <= 200_000 for r in server.requests)

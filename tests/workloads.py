@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 
 def spin(seconds: float) -> int:
@@ -60,3 +61,14 @@ def bursts_with_socket_writes(wall_seconds: float) -> None:
     finally:
         a.close()
         b.close()
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float, describe: Callable[[], object] = str
+) -> None:
+    """Poll ``condition`` every 20 ms until it holds; fail after ``timeout`` seconds, with
+    ``describe()`` in the message (what the test was waiting on)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, describe()
+        time.sleep(0.02)
