@@ -427,11 +427,13 @@ def test_faults_inside_profiling_do_not_break_requests(
     not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
     reason="the lean path runs on the native tier",
 )
-@pytest.mark.parametrize("where", ["watch_request", "finish_request", "release_request"])
+@pytest.mark.parametrize("where", ["copy_context", "release_request"])
 def test_faults_on_the_lean_request_path_do_not_break_requests(
     where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each engine call of the lean ASGI path (from a server's second request on) fails."""
+    """What the lean ASGI path (from a server's second request on) calls into as a request
+    that took samples ends fails: the request completes, the fault is counted."""
+    import otlp_middleware.middleware.asgi as asgi_module
     from otlp_middleware.middleware._core import ROUTE_DECORATORS
 
     monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
@@ -444,13 +446,11 @@ def test_faults_on_the_lean_request_path_do_not_break_requests(
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("engine bug")
 
-        if where == "release_request":  # reached only by a request that took samples
-            monkeypatch.setattr(ENGINE, "finish_request", lambda watcher: False)
-        monkeypatch.setattr(ENGINE, where, broken)
-        sent = asyncio.run(asgi_get(mw, "/x"))
+        monkeypatch.setattr(ENGINE if where == "release_request" else asgi_module, where, broken)
+        sent = asyncio.run(asgi_get(mw, "/x"))  # 0.1 s of CPU: about ten samples at 99 Hz
         assert sent[0]["status"] == 200 and sent[-1]["body"] == b"ok"
         assert mw.profiler.stats().faults == 1
-        assert ENGINE.open_watchers() == 0  # ended, even when finish_request failed
+        assert ENGINE.open_watchers() == 0  # ended all the same
     finally:
         monkeypatch.undo()
         ENGINE._code_roots.clear()  # what the broken calls left registered

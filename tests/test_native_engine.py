@@ -155,11 +155,11 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
 
     The handler's worker threads are held to the accuracy criteria. The request's profile
     also holds, rightly, the event loop's own work for the request (routing, the response,
-    the hand-off to the thread pool), found by the middleware's frame on the loop's stack:
+    the hand-off to the thread pool), taken while the middleware's lean call runs the app:
     measured ~0.33 ms of loop CPU per 1 ms handler, so across all samples the burst held
     ~73% of the weight and the count was ~125% of 99 Hz x handler CPU (1 ms bursts, 3.11).
-    Those loop samples are checked for attribution only: each must hold the middleware's
-    root frame.
+    Those loop samples are checked for attribution only: each must hold the app's own
+    frame (the lean call has none of its own: what runs below it is the app's).
     """
     cpu_seconds, samples = fastapi_bursts(str(tmp_path), "/burst")
     workers = [s for s in samples if s[0].startswith("AnyIO worker thread")]
@@ -167,7 +167,7 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
     loop = [s for s in samples if s[0] == "MainThread"]
     assert len(loop) + len(workers) == len(samples), {s[0] for s in samples}
     # 3.10 frames carry bare names, later versions qualified names.
-    root = {"ProfilingMiddleware.__call__", "__call__"}
+    root = {"FastAPI.__call__", "__call__"}  # the app's: the middleware has no frame
     assert all(names & root for _, names, _ in loop)
 
 
@@ -193,7 +193,7 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
     assert abs(weight_s - cpu_seconds) <= 0.25 * cpu_seconds, (weight_s, cpu_seconds)
     share, _ = burst_figures(samples)
     assert share >= 0.6, f"{share:.1%} of the requests' CPU weight in the burst"
-    root = {"ProfilingMiddleware.__call__", "__call__"}
+    root = {"FastAPI.__call__", "__call__"}  # the app's: the middleware has no frame
     assert all(names & root for _, names, _ in samples)
 
 

@@ -281,14 +281,16 @@ class RequestProfiler:
             self.exclude_paths
         )
         self.lean_root: tuple[int, int, int | None] | None = None
-        self.always_lean: tuple[int, int, int | None] | None = None
+        self.lean_path: Any = None
+        self.lean_always = False
+        # (always, decided, excluded, empty) counted by the lean paths replaced so far
+        self._lean_counted = (0, 0, 0, 0)
         self._update_lean_root()
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
         self._requests = 0
         self._sampled = 0
-        self._lean = 0  # requests the ASGI adapter counted both decided and sampled, inline
         self._emitted = 0
         self._empty = 0
         self._faults = 0
@@ -341,20 +343,38 @@ class RequestProfiler:
         self._update_lean_root()
 
     def _update_lean_root(self) -> None:
-        # ``lean_root``: the (period_ns, max_depth, max_duration_ns) of
-        # ``ENGINE.watch_request`` when a sampled request needs only on-CPU samples, which
-        # an async adapter can then take at its leanest; else None. Kept in step with
-        # ``cpu`` and ``memory`` by their setters.
+        # ``lean_root``: the (period_ns, max_depth, max_duration_ns) of the request scopes
+        # when a sampled request needs only on-CPU samples, which an async adapter can then
+        # take at its leanest, through ``lean_path`` (``ENGINE.lean_path``: None where the
+        # native sampler is unavailable); else both None. Kept in step with ``cpu`` and
+        # ``memory`` by their setters.
         cpu = self._cpu
         if cpu is None or cpu.include_system_calls or self._memory is not None:
             self.lean_root = None
         else:
             self.lean_root = _root_scope_args(cpu)[1:]
-        # ``always_lean``: ``lean_root`` when every request not excluded is profiled (the
-        # built-in ``AlwaysSample``, enabled): the ASGI adapter then checks the excluded paths
-        # and counts inline instead of calling ``should_profile``. Else None.
-        everything = type(self._sampler) is AlwaysSample and self._enabled
-        self.always_lean = self.lean_root if everything else None
+        old = self.lean_path
+        if old is not None:  # its counts stay in stats()
+            always, decided, excluded, empty = self._lean_counted
+            self._lean_counted = (
+                always + old.always,
+                decided + old.decided,
+                excluded + old.excluded,
+                empty + old.empty,
+            )
+        # ``lean_always``: every request not excluded is profiled (the built-in
+        # ``AlwaysSample``, enabled): the ASGI adapter then has ``lean_path`` check the
+        # excluded paths and count the decision, instead of calling ``should_profile``.
+        self.lean_always = type(self._sampler) is AlwaysSample and self._enabled
+        self.lean_path = None
+        if self.lean_root is not None:
+            self.lean_path = ENGINE.lean_path(
+                *self.lean_root,
+                exact=self._exclude_exact or None,
+                prefixes=self._exclude_prefixes or None,
+                match=self._exclude_match,
+                sampler=self._sampler if self.lean_always else None,
+            )
 
     # ------------------------------------------------------------------ decision
     def should_profile(
@@ -624,11 +644,18 @@ class RequestProfiler:
     def stats(self) -> ProfilerStats:
         """The counters, with every request that has ended counted."""
         ENGINE.flush_code_scopes()
+        always, decided, excluded, empty = self._lean_counted
+        lean = self.lean_path
+        if lean is not None:  # the ASGI adapter's lean calls: counted in the extension
+            always += lean.always
+            decided += lean.decided
+            excluded += lean.excluded
+            empty += lean.empty
         return ProfilerStats(
-            requests=self._requests + self._lean,
-            sampled=self._sampled + self._lean,
+            requests=self._requests + always + excluded,
+            sampled=self._sampled + always + decided,
             profiles_emitted=self._emitted,
-            empty=self._empty,
+            empty=self._empty + empty,
             faults=self._faults,
         )
 

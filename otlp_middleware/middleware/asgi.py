@@ -70,25 +70,65 @@ class ProfilingMiddleware:
         app.add_middleware(ProfilingMiddleware, sampler="rate:10")
     """
 
+    # asgiref's mark of an ASGI 3 app (one callable taking scope, receive and send).
+    _asgi_single_callable = True
+
     def __init__(self, app: ASGIApp, *, profiler: RequestProfiler | None = None, **options: Any):
         self.app = app
         self.profiler = profiler if profiler is not None else build_request_profiler(**options)
-        if self.profiler.cpu is not None:
-            ENGINE.register_root_code(ProfilingMiddleware.__call__.__code__, watcher="watcher")
+        self._on_end = self._lean_end  # made once: the extension calls it (see ``__call__``)
+        # Servers tell an ASGI 3 app from an ASGI 2 one by reading ``app.__call__`` and asking
+        # whether it is a coroutine function (uvicorn, hypercorn, asgiref). ``__call__`` is a
+        # plain function returning the request's awaitable (it saves every request a
+        # coroutine of its own), so this instance attribute answers for it: the coroutine
+        # function ``_call``, which serves any scope the same. Calling the instance runs the
+        # class's ``__call__``; reading ``app.__call__`` finds this.
+        self.__call__ = self._call  # type: ignore[method-assign]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Every request: decide; a sampled one at its leanest (it runs for each of them).
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Every request: decide, and return the awaitable that serves it.
 
-        This coroutine's frame is the request's root. The engine knows its code and the local
-        that holds the request's watcher (registered in ``__init__``), so on the native
-        tier, from the second request on, one C call (``Engine.watch_request``) makes the
-        watcher, which is at once ``send`` (it notes the status, and ends the request at the
-        last body chunk) and the request's CPU scope, registered nowhere; one C call
-        (``Engine.finish_request``) ends it; and only a request that took a sample gets a
-        scope object, handed on to have its record built on the engine's collector thread.
-        Cold caches make every Python call and object here cost microseconds under load,
-        so these calls are inline. Elsewhere ``_call_with_handle`` does the work through a
-        ``RequestHandle``.
+        A request not profiled gets the app's own awaitable: no layer of ours is left in it.
+        A profiled request that needs only on-CPU samples gets, from the second request on,
+        a lean call (``RequestProfiler.lean_path``, made in one call into the extension): the
+        request's watcher, which is at once the ``send`` the app is given (it notes the
+        status, and ends the request at the last body chunk), the request's CPU scope
+        (samples taken while it runs the app are its request's) and the awaitable that runs
+        the app. It ends the request itself; only a request that took a sample reaches
+        Python again (``_lean_end``), to have its record built on the engine's collector
+        thread. Cold caches make every Python call and object here cost microseconds under
+        load, so the decision is inline. Everything else, as other scope types and route
+        decorators, goes through the coroutine ``_call``.
+        """
+        if scope["type"] != "http" or ROUTE_DECORATORS["in_use"]:
+            return self._call(scope, receive, send)
+        profiler = self.profiler
+        lean = profiler.lean_path
+        if profiler.lean_always and lean is not None:
+            # Every request not excluded is profiled (``AlwaysSample``): the lean path checks
+            # the excluded paths and counts the decision itself (``decided`` False).
+            call = lean(self.app, scope, receive, send, self._on_end, False)
+            if call is not None:
+                return call  # type: ignore[no-any-return]
+            lean = None  # it does not apply yet: the general path, deciding as any strategy
+        method = scope.get("method", "GET")
+        headers = partial(_headers, scope) if profiler.sampler.needs_request else None
+        if not profiler.should_profile(method, scope.get("path", ""), headers=headers):
+            return self.app(scope, receive, send)
+        if lean is not None:
+            call = lean(self.app, scope, receive, send, self._on_end, True)
+            if call is not None:
+                return call  # type: ignore[no-any-return]
+        # the general path, also for a server's first profiled request (the sampler does not
+        # run yet, so the lean call does not apply)
+        return self._call_with_handle(scope, receive, send, method)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The middleware as a coroutine function: what ``app.__call__`` reads as.
+
+        Serves any scope: non-HTTP ones pass through (lifespan with the profiles flushed at
+        shutdown), HTTP requests through the decision and the general path (``RequestHandle``)
+        or, with route decorators in use, through the request's slot.
         """
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
@@ -96,81 +136,34 @@ class ProfilingMiddleware:
             await self.app(scope, receive, send)
             return
         profiler = self.profiler
-        lean = profiler.always_lean
-        if lean is not None and not ROUTE_DECORATORS["in_use"]:
-            # Every request not excluded is profiled (``AlwaysSample``): nothing to decide but
-            # the excluded paths, then to count, inline as ``should_profile`` and
-            # ``AlwaysSample.should_sample`` would.
-            if profiler.exclude_paths:
-                path = scope.get("path", "")
-                match = profiler._exclude_match
-                if (
-                    path in profiler._exclude_exact
-                    or path.startswith(profiler._exclude_prefixes)
-                    or (match is not None and match(path) is not None)
-                ):
-                    profiler._requests += 1
-                    await self.app(scope, receive, send)
-                    return
-            next(profiler._sampler._count)  # type: ignore[attr-defined]
-            decided = False
+        method = scope.get("method", "GET")
+        headers = partial(_headers, scope) if profiler.sampler.needs_request else None
+        sampled = profiler.should_profile(method, scope.get("path", ""), headers=headers)
+        if ROUTE_DECORATORS["in_use"]:
+            await self._call_with_slot(scope, receive, send, method, sampled)
+        elif sampled:
+            await self._call_with_handle(scope, receive, send, method)
         else:
-            method = scope.get("method", "GET")
-            headers = partial(_headers, scope) if profiler.sampler.needs_request else None
-            sampled = profiler.should_profile(method, scope.get("path", ""), headers=headers)
-            if ROUTE_DECORATORS["in_use"]:
-                await self._call_with_slot(scope, receive, send, method, sampled)
-                return
-            if not sampled:
-                await self.app(scope, receive, send)
-                return
-            # A request that needs only on-CPU samples (``lean_root``) takes the lean path.
-            lean = profiler.lean_root
-            decided = True  # ``should_profile`` counted the request
-        # The lean path: a watcher made in one call into the extension; None (then the general
-        # path) where that does not apply, as for a server's first profiled request (the
-        # sampler does not run yet).
-        watcher = None
-        if lean is not None:
-            try:
-                watcher = ENGINE.watch_request(send, lean[0], lean[1], lean[2])
-            except Exception:
-                profiler._fault("opening a request's profile")
-        if watcher is None:
-            if not decided:
-                profiler._requests += 1  # and ``begin`` counts it sampled
-            await self._call_with_handle(scope, receive, send, scope.get("method", "GET"))
-            return
-        if decided:
-            profiler._sampled += 1
-        else:
-            profiler._lean += 1  # a request, sampled: one count for both (see ``stats``)
-        # Registered nowhere: while ``watcher`` (this local, the slot the handler reads) is
-        # open, samples taken below this frame are this request's. Work it offloads to
-        # threads finds it there too (``_offload.request_scope``). No contextvar: uvicorn's
-        # keep-alive timer, made as the response ends, keeps a copy of the context for
-        # seconds, and with it every request's objects for the garbage collector.
-        root_path = scope.get("root_path", "")  # a mount adds to it: the route's prefix
-        error: BaseException | None = None
+            await self.app(scope, receive, send)
+
+    def _lean_end(
+        self, watcher: Any, scope: Scope, root_path: str, error: BaseException | None
+    ) -> None:
+        """A lean call's request that took samples, as it ends (the extension calls this).
+
+        Reads what the record needs while the request's context and scope are at hand: the
+        context (the collector reads the OpenTelemetry span from it), the route, and hands
+        the watcher on (``ENGINE.release_request``) to have the record built on the
+        collector thread. Never raises: a failure is logged and counted.
+        """
         try:
-            await self.app(scope, receive, watcher)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            # One C call ends the request; True if no sample is its own, as for about 9 in
-            # 10 requests at 99 Hz. Else its record is built on the collector thread.
-            try:
-                if ENGINE.finish_request(watcher):
-                    profiler._empty += 1
-                else:  # the context now: the collector reads the OpenTelemetry span from it
-                    context = copy_context()
-                    route = _route_or_none(scope, root_path)  # not the scope: it can go
-                    method = scope.get("method", "GET")
-                    finish = partial(_finish_lean, profiler, method, route, error, context)
-                    ENGINE.release_request(watcher, finish)
-            except Exception:
-                profiler._fault("closing a request's profile")
+            context = copy_context()
+            route = _route_or_none(scope, root_path)  # not the scope: it can go
+            method = scope.get("method", "GET")
+            finish = partial(_finish_lean, self.profiler, method, route, error, context)
+            ENGINE.release_request(watcher, finish)
+        except Exception:
+            self.profiler._fault("closing a request's profile")
 
     def _flushing_at_shutdown(self, send: Send) -> Send:
         """``send`` for the lifespan scope: flush the profiles before shutdown completes.

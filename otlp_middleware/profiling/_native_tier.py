@@ -81,6 +81,10 @@ def _needs_extension(*args: Any) -> Any:
     raise RuntimeError("code scopes need the native sampler extension")
 
 
+def _no_request() -> None:
+    return None  # without the extension there are no lean calls
+
+
 class NativeTier:
     """Engine methods of the native tier (state is initialised by ``init_native_state``)."""
 
@@ -111,10 +115,16 @@ class NativeTier:
     """``finish_request(watcher)``: end the request (if its last body chunk did not), and its
     scope if it has one; True if nothing can be its own (no sample tagged, no scope)."""
 
+    running_request: Callable[[], Any]
+    """``running_request()``: the open request watcher of the innermost lean call
+    (``lean_path``) running on this thread, or None: the request being served where it is
+    called, as the signal handler attributes samples."""
+
     def init_native_state(self, module: Any) -> None:
         self._native = module
         real = self._native_module
         self.finish_request = real.finish_request if real is not None else _needs_extension
+        self.running_request = real.running_request if real is not None else _no_request
         # A request watcher's tag -> (stack, cpu_ns, timestamp_ns) of the samples drained while
         # its request ran and had no scope yet: its scope takes them when it is released.
         self._pending: dict[int, list[tuple[tuple[int, ...], int, int]]] = {}
@@ -208,6 +218,50 @@ class NativeTier:
             return False
         self._watch_codes.setdefault(code, watcher)
         return True
+
+    def lean_path(
+        self,
+        period_ns: int,
+        max_depth: int,
+        max_duration_ns: int | None,
+        *,
+        exact: frozenset[str] | None = None,
+        prefixes: tuple[str, ...] | None = None,
+        match: Callable[[str], Any] | None = None,
+        sampler: Any = None,
+    ) -> Any:
+        """The ASGI request path at its leanest for requests sampled at ``period_ns``, or
+        None where the native sampler is unavailable.
+
+        The extension's ``LeanPath``: called as ``(app, scope, receive, send, on_end,
+        decided)`` for a request to profile, it makes the request's watcher, calls
+        ``app(scope, receive, watcher)`` and returns the watcher as the awaitable that runs
+        the app. While the app's awaitable runs, its thread's samples carry the watcher's
+        tag (no frame or registration of its own). It ends the request when the app's
+        awaitable is done: one that took no sample is counted (``empty``); one that did
+        goes to ``on_end(watcher, scope, root_path, error)``, which hands it on
+        (``release_request``). It returns None, for the caller's general path, until the
+        sampler runs at ``period_ns`` on the calling thread (as for a server's first
+        profiled request).
+
+        With ``decided`` False it decides too: a path in ``exact``, starting with one of
+        ``prefixes`` or matched by ``match`` is not profiled (it returns
+        ``app(scope, receive, send)``, counted ``excluded``), and every other request is
+        counted on ``sampler`` as ``AlwaysSample.should_sample`` would (its ``_count``). It
+        counts its calls (``always``: undecided, profiled; ``decided``) and ``empty``.
+        """
+        native = self._native_module
+        if native is None:
+            return None
+        return native.LeanPath(
+            period_ns,
+            max_depth,
+            max_duration_ns,
+            exact=exact,
+            prefixes=prefixes,
+            match=match,
+            sampler=sampler,
+        )
 
     def request_scope(self, watcher: Any) -> Scope:
         """The ``CodeScope`` of a request watcher, made on first use.

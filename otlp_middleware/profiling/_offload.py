@@ -1,8 +1,8 @@
 """Keep work that a request offloads to a thread attributed to that request.
 
 The request's CPU scope is found where the call is handed over (``request_scope()``): a
-request the ASGI adapter took at its leanest has its root frame on the calling stack (its
-scope is the engine's code scope on that frame, so the request path sets no contextvar); any
+request the ASGI adapter took at its leanest is the lean call running on the calling thread
+(its scope is made from its request watcher, so the request path sets no contextvar); any
 other travels in a contextvar (``CURRENT_SCOPE``). Where an async request hands a call to a
 worker thread, the call is wrapped so that the worker thread is registered under a child
 scope of the request for exactly the duration of that call:
@@ -45,12 +45,17 @@ CURRENT_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 def request_scope() -> Scope | None:
     """The CPU scope of the request being served where this is called, if it is profiled.
 
-    The contextvar, else the scope of the request watcher (``Engine.request_scope``) held by
-    the innermost registered root frame on the calling stack that holds an open one.
+    The contextvar, else the scope (``Engine.request_scope``) of the open request watcher
+    of the innermost lean call running on this thread (``Engine.running_request``), else
+    of the innermost registered root frame on the calling stack that holds one.
     """
     scope = CURRENT_SCOPE.get()
-    if scope is None and ENGINE._watch_codes and ENGINE.open_watchers():
-        scope = ENGINE.code_scope_on_stack(sys._getframe(1))
+    if scope is None and ENGINE.open_watchers():
+        watcher = ENGINE.running_request()
+        if watcher is not None:
+            scope = ENGINE.request_scope(watcher)
+        elif ENGINE._watch_codes:
+            scope = ENGINE.code_scope_on_stack(sys._getframe(1))
     return scope
 
 

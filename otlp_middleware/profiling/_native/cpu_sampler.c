@@ -247,7 +247,7 @@ static _Atomic int g_n_root_codes;
  * A request watcher (watch_request: id != 0) is its request's scope until the response completes
  * (open): the handler, finding it in its root code's watcher slot, tags the sample with
  * WATCH_TAG(id) and counts it in samples, so the request path registers nothing. */
-typedef struct {
+typedef struct SendWatcher_ {
     PyObject_HEAD
     PyObject *send;
     PyObject *scope; /* Py_None, or the scope this watcher ends (a request's lazy CodeScope) */
@@ -260,6 +260,15 @@ typedef struct {
     unsigned long thread_id;
     unsigned gen; /* g_gen at watch_request(): counted in g_open_watchers while open */
     PyObject *finish; /* release_request()'s: the collector calls finish(watcher, scope) */
+    /* A lean call's (LeanPath): the awaitable that runs its request.  NULL otherwise. */
+    struct LeanPath *path;  /* the LeanPath that made it (its counters) */
+    PyObject *inner;        /* the app's awaitable's iterator until the request ends */
+    PyObject *on_end;       /* on_end(watcher, asgi_scope, root_path, error) if it took samples */
+    PyObject *asgi_scope;   /* the request's ASGI scope, until it ends */
+    PyObject *root_path;    /* scope["root_path"] as the request began */
+    struct SendWatcher_ *running_prev; /* the lean call running below it on this thread */
+    int running;            /* inside send()/throw()/close() of the app's awaitable */
+    int started;            /* stepped once at least */
 } SendWatcher;
 
 static PyTypeObject SendWatcherType;
@@ -507,6 +516,22 @@ static uint32_t intern_code(PyCodeObject *co)
 /* The watchers whose tags the current walk put in roots (their samples are counted once
  * the sample is published); parallel to the walk's roots, NULL for other roots. */
 static TLS SendWatcher *tl_walk_watchers[MAX_ROOTS];
+
+/* The lean calls (LeanPath) running on this thread, innermost first, linked by
+ * running_prev: each is on the C stack, inside a step of its request's awaitable, so every
+ * Python frame running meanwhile on this thread is its request's (see "Lean calls"). */
+static TLS SendWatcher *volatile tl_running;
+
+/* Add the tags of the open request watchers of the lean calls running on this thread. */
+static inline void match_running(int64_t *roots, int *n_roots)
+{
+    for (SendWatcher *w = tl_running; w != NULL && *n_roots < MAX_ROOTS; w = w->running_prev) {
+        if (w->id != 0 && atomic_load_explicit(&w->open, memory_order_relaxed)) {
+            tl_walk_watchers[*n_roots] = w;
+            roots[(*n_roots)++] = WATCH_TAG(w->id);
+        }
+    }
+}
 
 static inline void match_root(void *key, int64_t *roots, int *n_roots)
 {
@@ -934,6 +959,9 @@ static void on_signal(int signo, siginfo_t *si, void *uctx)
     PyThreadState *ts = PyGILState_GetThisThreadState();
     tl_frame_cache_hits = tl_frame_cache_misses = 0;
     int status = ts != NULL ? walk_stack(ts, frames, &depth, &truncated, roots, &n_roots) : 0;
+    if (tl_running != NULL) {
+        match_running(roots, &n_roots);
+    }
     atomic_signal_fence(memory_order_seq_cst);
     atomic_fetch_add_explicit(&st_frame_cache_hits, tl_frame_cache_hits, memory_order_relaxed);
     atomic_fetch_add_explicit(&st_frame_cache_misses, tl_frame_cache_misses,
@@ -2374,6 +2402,27 @@ static PyObject *watcher_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     return make_watcher(send, scope);
 }
 
+/* A new request watcher of send, open (the caller checked the sampler runs at period). */
+static PyObject *open_request_watcher(PyObject *send, long long period, long long max_depth,
+                                      long long max_duration)
+{
+    SendWatcher *w = (SendWatcher *)make_watcher(send, Py_None);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->id = atomic_fetch_add_explicit(&g_watch_ids, 1, memory_order_relaxed) + 1;
+    w->opened_ns = now_ns(CLOCK_REALTIME);
+    w->thread_id = PyThread_get_thread_ident();
+    w->period_ns = period;
+    w->max_depth = max_depth;
+    w->max_duration_ns = max_duration;
+    w->gen = g_gen;
+    atomic_fetch_add_explicit(&g_open_watchers, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
+    atomic_store_explicit(&w->open, 1, memory_order_relaxed);
+    return (PyObject *)w;
+}
+
 /* watch_request(send, period_ns, max_depth, max_duration_ns): the ASGI request path at its
  * leanest.  A SendWatcher of send that is also the request's scope until its response
  * completes: the caller keeps it in the fast local its root code was registered with
@@ -2391,21 +2440,7 @@ static PyObject *py_watch_request(PyObject *self, PyObject *const *args, Py_ssiz
     if (lean <= 0) {
         return lean < 0 ? NULL : Py_NewRef(Py_None);
     }
-    SendWatcher *w = (SendWatcher *)make_watcher(args[0], Py_None);
-    if (w == NULL) {
-        return NULL;
-    }
-    w->id = atomic_fetch_add_explicit(&g_watch_ids, 1, memory_order_relaxed) + 1;
-    w->opened_ns = now_ns(CLOCK_REALTIME);
-    w->thread_id = PyThread_get_thread_ident();
-    w->period_ns = period;
-    w->max_depth = max_depth;
-    w->max_duration_ns = max_duration;
-    w->gen = g_gen;
-    atomic_fetch_add_explicit(&g_open_watchers, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&g_code_opens, 1, memory_order_relaxed);
-    atomic_store_explicit(&w->open, 1, memory_order_relaxed);
-    return (PyObject *)w;
+    return open_request_watcher(args[0], period, max_depth, max_duration);
 }
 
 /* finish_request(watcher): end the request (if its last body chunk did not already), and
@@ -2460,12 +2495,590 @@ static PyObject *py_release_request(PyObject *self, PyObject *const *args, Py_ss
     Py_RETURN_NONE;
 }
 
+/* Lean calls
+ * ----------
+ * The ASGI request path at its leanest, when every profiled request needs only on-CPU
+ * samples: ProfilingMiddleware.__call__ (a plain function) calls a LeanPath, which makes the
+ * request's watcher, calls app(scope, receive, watcher) and returns the watcher itself as
+ * the awaitable the server awaits.  It drives the app's awaitable step by step (send(),
+ * throw(), close(), as a coroutine would through "await"), and while a step runs the
+ * watcher is on this thread's tl_running chain: the signal handler tags every sample taken
+ * meanwhile with it (match_running), so the request needs no coroutine frame of its own for
+ * the handler to find, nor any registration.  When the app's awaitable is done, the watcher
+ * ends the request: a request that took no sample is only counted (LeanPath.empty); one
+ * that did is handed to on_end(watcher, asgi_scope, root_path, error) (Python), which
+ * releases it to the collector (release_request). */
+
+typedef struct LeanPath {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    long long period_ns, max_depth, max_duration_ns;
+    /* undecided calls: the paths not profiled (a set of exact paths, a tuple of prefixes,
+     * a match(path) function, each or NULL), and the strategy whose _count counts each
+     * decision (AlwaysSample's, as its should_sample() would), or NULL */
+    PyObject *exact, *prefixes, *match, *sampler;
+    unsigned long long always, decided, excluded, empty, failures;
+} LeanPath;
+
+static PyTypeObject LeanPathType;
+static PyObject *s_root_path, *s_empty_str, *s_throw, *s_close, *s_gi_code, *s_co_flags;
+static PyObject *s_path, *s_count;
+
+/* The exception being raised, normalised, with its traceback; cleared (NULL: none). */
+static PyObject *take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Raise exc again (a reference taken from take_exception()). */
+static void raise_again(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* The iterator "await o" would drive (a new reference), or NULL with TypeError. */
+static PyObject *awaitable_iter(PyObject *o)
+{
+    if (PyCoro_CheckExact(o)) {
+        return Py_NewRef(o);
+    }
+    if (PyGen_CheckExact(o)) { /* a generator-based coroutine (types.coroutine) */
+        PyObject *code = PyObject_GetAttr(o, s_gi_code);
+        PyObject *flags = code != NULL ? PyObject_GetAttr(code, s_co_flags) : NULL;
+        long f = flags != NULL ? PyLong_AsLong(flags) : 0;
+        Py_XDECREF(code);
+        Py_XDECREF(flags);
+        PyErr_Clear();
+        if (f & CO_ITERABLE_COROUTINE) {
+            return Py_NewRef(o);
+        }
+    }
+    unaryfunc getter = Py_TYPE(o)->tp_as_async != NULL ? Py_TYPE(o)->tp_as_async->am_await : NULL;
+    if (getter == NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "the ASGI app returned %.100s, which can't be used in 'await' expression",
+                     Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    PyObject *it = getter(o);
+    if (it != NULL && (PyCoro_CheckExact(it) || !PyIter_Check(it))) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(it)->tp_name);
+        Py_CLEAR(it);
+    }
+    return it;
+}
+
+/* End a lean call's request, its app's awaitable done (error: how it failed, or NULL).  No
+ * exception may be set; none is left set. */
+static void lean_end(SendWatcher *w, PyObject *error)
+{
+    PyObject *inner = w->inner, *on_end = w->on_end, *asgi_scope = w->asgi_scope,
+             *root_path = w->root_path;
+    w->inner = w->on_end = w->asgi_scope = w->root_path = NULL;
+    close_watcher(w);
+    if (w->scope == Py_None && atomic_load_explicit(&w->samples, memory_order_relaxed) == 0) {
+        if (w->path != NULL) {
+            w->path->empty++; /* as about 9 requests in 10 at 99 Hz: nothing more to do */
+        }
+    }
+    else if (on_end != NULL) {
+        PyObject *args[4] = {(PyObject *)w, asgi_scope, root_path, error != NULL ? error : Py_None};
+        PyObject *res = PyObject_Vectorcall(on_end, args, 4, NULL);
+        if (res == NULL) {
+            PyErr_WriteUnraisable(on_end); /* on_end logs its own failures: not reached */
+        }
+        Py_XDECREF(res);
+    }
+    Py_XDECREF(on_end);
+    Py_XDECREF(asgi_scope);
+    Py_XDECREF(root_path);
+    Py_XDECREF(inner);
+}
+
+/* Put w on this thread's running chain for one step of its app's awaitable. */
+static inline int lean_enter(SendWatcher *w)
+{
+    if (w->inner == NULL) {
+        PyErr_SetString(w->path != NULL ? PyExc_RuntimeError : PyExc_TypeError,
+                        w->path != NULL ? "cannot reuse an ended request's awaitable"
+                                        : "only a LeanPath's request watcher can be awaited");
+        return -1;
+    }
+    if (w->running) {
+        PyErr_SetString(PyExc_ValueError, "the request's awaitable is already running");
+        return -1;
+    }
+    w->running = 1;
+    w->started = 1;
+    w->running_prev = tl_running;
+    atomic_signal_fence(memory_order_seq_cst); /* the handler never sees a broken chain */
+    tl_running = w;
+    atomic_signal_fence(memory_order_seq_cst);
+    return 0;
+}
+
+static inline void lean_leave(SendWatcher *w)
+{
+    tl_running = w->running_prev;
+    atomic_signal_fence(memory_order_seq_cst);
+    w->running_prev = NULL;
+    w->running = 0;
+}
+
+/* After a step that raised: end the request unless the app's awaitable merely yielded
+ * (NULL result, exception set).  StopIteration is a return. */
+static void lean_failed(SendWatcher *w)
+{
+    PyObject *exc = take_exception();
+    lean_end(w, exc != NULL && PyErr_GivenExceptionMatches(exc, PyExc_StopIteration) ? NULL : exc);
+    if (exc != NULL) {
+        raise_again(exc);
+    }
+}
+
+/* One step of the app's awaitable with arg sent in: PyIter_Send's outcome. */
+static PySendResult lean_send(SendWatcher *w, PyObject *arg, PyObject **result)
+{
+    *result = NULL;
+    if (lean_enter(w) < 0) {
+        return PYGEN_ERROR;
+    }
+    Py_INCREF(w);
+    PySendResult r = PyIter_Send(w->inner, arg, result);
+    lean_leave(w);
+    if (r == PYGEN_RETURN) {
+        lean_end(w, NULL);
+    }
+    else if (r == PYGEN_ERROR) {
+        lean_failed(w);
+    }
+    Py_DECREF(w);
+    return r;
+}
+
+static void stop_with(PyObject *value) /* raise StopIteration(value) */
+{
+    PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, exc);
+        Py_DECREF(exc);
+    }
+}
+
+static PyObject *watcher_iternext(SendWatcher *w)
+{
+    PyObject *result;
+    PySendResult r = lean_send(w, Py_None, &result);
+    if (r == PYGEN_RETURN) {
+        if (result != Py_None) {
+            stop_with(result);
+        }
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PySendResult watcher_am_send(SendWatcher *w, PyObject *arg, PyObject **result)
+{
+    return lean_send(w, arg, result);
+}
+
+static PyObject *watcher_send_method(SendWatcher *w, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult r = lean_send(w, arg, &result);
+    if (r == PYGEN_RETURN) {
+        stop_with(result);
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static PyObject *watcher_throw(SendWatcher *w, PyObject *args)
+{
+    if (lean_enter(w) < 0) {
+        return NULL;
+    }
+    Py_INCREF(w);
+    PyObject *result = NULL;
+    PyObject *throw = PyObject_GetAttr(w->inner, s_throw);
+    if (throw != NULL) {
+        result = PyObject_Call(throw, args, NULL);
+        Py_DECREF(throw);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        /* no throw(): the exception is raised where the app's awaitable is awaited */
+        PyErr_Clear();
+        PyObject *typ = PyTuple_GET_ITEM(args, 0);
+        PyObject *val = PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : NULL;
+        if (PyExceptionInstance_Check(typ)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+        }
+        else if (PyExceptionClass_Check(typ)) {
+            PyErr_SetObject(typ, val);
+        }
+        else {
+            PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
+        }
+    }
+    lean_leave(w);
+    if (result == NULL) {
+        lean_failed(w);
+    }
+    Py_DECREF(w);
+    return result;
+}
+
+static PyObject *watcher_close(SendWatcher *w, PyObject *unused)
+{
+    if (w->inner == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (lean_enter(w) < 0) {
+        return NULL;
+    }
+    Py_INCREF(w);
+    PyObject *res = NULL;
+    PyObject *close = PyObject_GetAttr(w->inner, s_close);
+    if (close != NULL) {
+        res = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+    }
+    else if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        res = Py_NewRef(Py_None);
+    }
+    lean_leave(w);
+    if (res == NULL) {
+        lean_failed(w);
+    }
+    else {
+        /* closed while suspended: the request ends as a coroutine's would, by GeneratorExit */
+        PyObject *exit = PyObject_CallNoArgs(PyExc_GeneratorExit);
+        PyErr_Clear();
+        lean_end(w, exit);
+        Py_XDECREF(exit);
+        Py_SETREF(res, Py_NewRef(Py_None));
+    }
+    Py_DECREF(w);
+    return res;
+}
+
+static PyObject *watcher_await(SendWatcher *w)
+{
+    if (w->path == NULL) {
+        PyErr_SetString(PyExc_TypeError, "only a LeanPath's request watcher can be awaited");
+        return NULL;
+    }
+    return Py_NewRef(w);
+}
+
+/* A lean call dropped before its app's awaitable ended: closed as a coroutine is. */
+static void watcher_finalize(PyObject *self)
+{
+    SendWatcher *w = (SendWatcher *)self;
+    if (w->inner == NULL) {
+        return;
+    }
+    PyObject *saved = take_exception();
+    if (w->started) {
+        PyObject *res = watcher_close(w, NULL);
+        if (res == NULL) {
+            PyErr_WriteUnraisable(self);
+        }
+        Py_XDECREF(res);
+    }
+    else {
+        lean_end(w, NULL); /* never awaited: the app's awaitable goes unrun */
+    }
+    if (saved != NULL) {
+        raise_again(saved);
+    }
+}
+
+static PyMethodDef watcher_methods[] = {
+    {"send", (PyCFunction)watcher_send_method, METH_O,
+     "send(value)\n--\n\nA lean call: send value into the app's awaitable; returns what it "
+     "yields, raises StopIteration when it returns."},
+    {"throw", (PyCFunction)watcher_throw, METH_VARARGS,
+     "throw(exc)\n--\n\nA lean call: raise exc where the app's awaitable is suspended."},
+    {"close", (PyCFunction)watcher_close, METH_NOARGS,
+     "close()\n--\n\nA lean call: close the app's awaitable and end the request."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyAsyncMethods watcher_async = {
+    .am_await = (unaryfunc)watcher_await,
+    .am_send = (sendfunc)watcher_am_send,
+};
+
+/* Whether the request's path is one not profiled (never fails: a path it cannot read is
+ * profiled). */
+static int lean_excluded(LeanPath *p, PyObject *scope)
+{
+    PyObject *path = message_get(scope, s_path);
+    if (path == NULL) {
+        PyErr_Clear();
+        path = Py_NewRef(s_empty_str);
+    }
+    int hit = 0;
+    if (PyUnicode_Check(path)) {
+        if (p->exact != NULL) {
+            hit = PySet_Contains(p->exact, path) == 1;
+        }
+        for (Py_ssize_t i = 0; !hit && p->prefixes != NULL && i < PyTuple_GET_SIZE(p->prefixes);
+             i++) {
+            hit = PyUnicode_Tailmatch(path, PyTuple_GET_ITEM(p->prefixes, i), 0,
+                                      PY_SSIZE_T_MAX, -1) == 1;
+        }
+        if (!hit && p->match != NULL) {
+            PyObject *m = PyObject_CallOneArg(p->match, path);
+            hit = m != NULL && m != Py_None;
+            Py_XDECREF(m);
+        }
+        PyErr_Clear();
+    }
+    Py_DECREF(path);
+    return hit;
+}
+
+/* Count one decision on the strategy, as its should_sample() would: next(sampler._count). */
+static void lean_count(LeanPath *p)
+{
+    PyObject *count = PyObject_GetAttr(p->sampler, s_count);
+    if (count != NULL && Py_TYPE(count)->tp_iternext != NULL) {
+        Py_XDECREF(Py_TYPE(count)->tp_iternext(count));
+    }
+    Py_XDECREF(count);
+    PyErr_Clear();
+}
+
+/* LeanPath(app, scope, receive, send, on_end, decided): a lean call, or None where it
+ * does not apply (the sampler does not run at period_ns, or this thread is not armed).
+ * decided False: the path is checked first, and a path not profiled gets
+ * app(scope, receive, send) itself; else the decision is counted on the strategy. */
+static PyObject *leanpath_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames)
+{
+    LeanPath *p = (LeanPath *)self;
+    if (PyVectorcall_NARGS(nargsf) != 6 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError,
+                        "LeanPath(app, scope, receive, send, on_end, decided) takes 6 "
+                        "positional arguments");
+        return NULL;
+    }
+    check_fork_fast();
+    if (!thread_sampled() || p->period_ns != atomic_load_explicit(&g_period_ns,
+                                                                  memory_order_relaxed)) {
+        Py_RETURN_NONE;
+    }
+    int decided = args[5] == Py_True;
+    if (!decided) {
+        if (lean_excluded(p, args[1])) {
+            p->excluded++;
+            return PyObject_Vectorcall(args[0], args + 1, 3, NULL);
+        }
+        if (p->sampler != NULL) {
+            lean_count(p);
+        }
+    }
+    SendWatcher *w = (SendWatcher *)open_request_watcher(args[3], p->period_ns, p->max_depth,
+                                                         p->max_duration_ns);
+    if (w == NULL) {
+        PyErr_Clear(); /* our failure: the request goes the general way */
+        p->failures++;
+        Py_RETURN_NONE;
+    }
+    PyObject *root_path = message_get(args[1], s_root_path);
+    if (root_path == NULL) {
+        PyErr_Clear();
+        root_path = Py_NewRef(s_empty_str);
+    }
+    w->path = (LeanPath *)Py_NewRef(self);
+    w->on_end = Py_NewRef(args[4]);
+    w->asgi_scope = Py_NewRef(args[1]);
+    w->root_path = root_path;
+    if (decided) {
+        p->decided++;
+    }
+    else {
+        p->always++;
+    }
+    PyObject *app_args[3] = {args[1], args[2], (PyObject *)w};
+    PyObject *awaitable = PyObject_Vectorcall(args[0], app_args, 3, NULL);
+    PyObject *it = awaitable != NULL ? awaitable_iter(awaitable) : NULL;
+    Py_XDECREF(awaitable);
+    if (it == NULL) { /* the app's own error: the request ends with it, and it propagates */
+        lean_failed(w);
+        Py_DECREF(w);
+        return NULL;
+    }
+    w->inner = it;
+    return (PyObject *)w;
+}
+
+static PyObject *none_to_null(PyObject *o) { return o == Py_None ? NULL : Py_NewRef(o); }
+
+static PyObject *leanpath_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    long long period, max_depth;
+    PyObject *max_duration, *exact = Py_None, *prefixes = Py_None, *match = Py_None,
+                            *sampler = Py_None;
+    static char *kwlist[] = {"period_ns", "max_depth", "max_duration_ns", "exact",
+                             "prefixes", "match", "sampler", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLO|$OOOO:LeanPath", kwlist, &period,
+                                     &max_depth, &max_duration, &exact, &prefixes, &match,
+                                     &sampler)) {
+        return NULL;
+    }
+    if ((exact != Py_None && !PyAnySet_Check(exact)) ||
+        (prefixes != Py_None && !PyTuple_Check(prefixes)) ||
+        (match != Py_None && !PyCallable_Check(match))) {
+        PyErr_SetString(PyExc_TypeError, "LeanPath: exact must be a set, prefixes a tuple of "
+                                         "str, match callable (or each None)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; prefixes != Py_None && i < PyTuple_GET_SIZE(prefixes); i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(prefixes, i))) {
+            PyErr_SetString(PyExc_TypeError, "LeanPath: prefixes must be str");
+            return NULL;
+        }
+    }
+    long long duration = 0;
+    if (max_duration != Py_None) {
+        duration = PyLong_AsLongLong(max_duration);
+        if (duration == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (period <= 0 || max_depth < 0 || duration < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "LeanPath: period_ns must be > 0, max_depth and max_duration_ns >= 0");
+        return NULL;
+    }
+    LeanPath *p = (LeanPath *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->vectorcall = leanpath_vectorcall;
+    p->exact = none_to_null(exact);
+    p->prefixes = none_to_null(prefixes);
+    p->match = none_to_null(match);
+    p->sampler = none_to_null(sampler);
+    p->period_ns = period;
+    p->max_depth = max_depth;
+    p->max_duration_ns = duration;
+    return (PyObject *)p;
+}
+
+static PyMemberDef leanpath_members[] = {
+    {"period_ns", T_LONGLONG, offsetof(LeanPath, period_ns), READONLY, "The sampling period."},
+    {"max_depth", T_LONGLONG, offsetof(LeanPath, max_depth), READONLY,
+     "Frames kept per sample."},
+    {"always", T_ULONGLONG, offsetof(LeanPath, always), READONLY,
+     "Lean calls made with decided=False (requests it counted as decided and sampled)."},
+    {"decided", T_ULONGLONG, offsetof(LeanPath, decided), READONLY,
+     "Lean calls made with decided=True (the caller counted the decision)."},
+    {"excluded", T_ULONGLONG, offsetof(LeanPath, excluded), READONLY,
+     "Undecided calls whose path is not profiled (passed to the app as they came)."},
+    {"empty", T_ULONGLONG, offsetof(LeanPath, empty), READONLY,
+     "Lean calls that ended with no sample of their own (on_end not called)."},
+    {"failures", T_ULONGLONG, offsetof(LeanPath, failures), READONLY,
+     "Calls that returned None for want of memory."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int leanpath_traverse(LeanPath *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->exact);
+    Py_VISIT(p->prefixes);
+    Py_VISIT(p->match);
+    Py_VISIT(p->sampler);
+    return 0;
+}
+
+static int leanpath_clear(LeanPath *p)
+{
+    Py_CLEAR(p->exact);
+    Py_CLEAR(p->prefixes);
+    Py_CLEAR(p->match);
+    Py_CLEAR(p->sampler);
+    return 0;
+}
+
+static void leanpath_dealloc(LeanPath *p)
+{
+    PyObject_GC_UnTrack(p);
+    leanpath_clear(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyTypeObject LeanPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "otlp_middleware.profiling._cpu_native.LeanPath",
+    .tp_basicsize = sizeof(LeanPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)leanpath_traverse,
+    .tp_clear = (inquiry)leanpath_clear,
+    .tp_dealloc = (destructor)leanpath_dealloc,
+    .tp_doc = "LeanPath(period_ns, max_depth, max_duration_ns, *, exact=None, prefixes=None, "
+              "match=None, sampler=None)\n--\n\nThe ASGI request path at its leanest (see "
+              "\"Lean calls\" in the source). Called as (app, scope, receive, send, on_end, "
+              "decided): a request watcher that is also the awaitable running app(scope, "
+              "receive, watcher), or None where the sampler does not run at period_ns on this "
+              "thread. Undecided (decided=False), a path in exact, starting with one of "
+              "prefixes or matched by match is not profiled (app(scope, receive, send) is "
+              "returned), and every other request is counted on sampler (next(sampler._count)).",
+    .tp_new = leanpath_new,
+    .tp_vectorcall_offset = offsetof(LeanPath, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_members = leanpath_members,
+};
+
+/* running_request(): the innermost open request watcher of the lean calls running on this
+ * thread, or None. */
+static PyObject *py_running_request(PyObject *self, PyObject *unused)
+{
+    for (SendWatcher *w = tl_running; w != NULL; w = w->running_prev) {
+        if (w->id != 0 && atomic_load_explicit(&w->open, memory_order_relaxed)) {
+            return Py_NewRef(w);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static int watcher_traverse(SendWatcher *w, visitproc visit, void *arg)
 {
     Py_VISIT(w->send);
     Py_VISIT(w->scope);
     Py_VISIT(w->status);
     Py_VISIT(w->finish);
+    Py_VISIT(w->path);
+    Py_VISIT(w->inner);
+    Py_VISIT(w->on_end);
+    Py_VISIT(w->asgi_scope);
+    Py_VISIT(w->root_path);
     return 0;
 }
 
@@ -2475,11 +3088,19 @@ static int watcher_clear(SendWatcher *w)
     Py_CLEAR(w->scope);
     Py_CLEAR(w->status);
     Py_CLEAR(w->finish);
+    Py_CLEAR(w->inner);
+    Py_CLEAR(w->on_end);
+    Py_CLEAR(w->asgi_scope);
+    Py_CLEAR(w->root_path);
+    Py_CLEAR(w->path);
     return 0;
 }
 
 static void watcher_dealloc(SendWatcher *w)
 {
+    if (w->inner != NULL && PyObject_CallFinalizerFromDealloc((PyObject *)w) < 0) {
+        return; /* resurrected */
+    }
     PyObject_GC_UnTrack(w);
     close_watcher(w);
     watcher_clear(w);
@@ -2591,6 +3212,11 @@ static PyTypeObject SendWatcherType = {
     .tp_call = PyVectorcall_Call,
     .tp_getset = watcher_getset,
     .tp_members = watcher_members,
+    .tp_methods = watcher_methods,
+    .tp_as_async = &watcher_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)watcher_iternext,
+    .tp_finalize = watcher_finalize,
 };
 
 static int init_request_path(PyObject *m)
@@ -2604,11 +3230,29 @@ static int init_request_path(PyObject *m)
     s_response_start = PyUnicode_InternFromString("http.response.start");
     s_response_body = PyUnicode_InternFromString("http.response.body");
     s_append = PyUnicode_InternFromString("append");
+    s_root_path = PyUnicode_InternFromString("root_path");
+    s_empty_str = PyUnicode_InternFromString("");
+    s_throw = PyUnicode_InternFromString("throw");
+    s_close = PyUnicode_InternFromString("close");
+    s_gi_code = PyUnicode_InternFromString("gi_code");
+    s_co_flags = PyUnicode_InternFromString("co_flags");
+    s_path = PyUnicode_InternFromString("path");
+    s_count = PyUnicode_InternFromString("_count");
+    if (!s_root_path || !s_empty_str || !s_throw || !s_close || !s_gi_code || !s_co_flags ||
+        !s_path || !s_count) {
+        return -1;
+    }
     if (!s_type || !s_status || !s_more_body || !s_closed_ns || !s_quiet || !s_mark || !s_append ||
         !s_response_start || !s_response_body) {
         return -1;
     }
-    if (PyType_Ready(&SendWatcherType) < 0 || PyType_Ready(&ScopeCoreType) < 0) {
+    if (PyType_Ready(&SendWatcherType) < 0 || PyType_Ready(&ScopeCoreType) < 0 ||
+        PyType_Ready(&LeanPathType) < 0) {
+        return -1;
+    }
+    Py_INCREF(&LeanPathType);
+    if (PyModule_AddObject(m, "LeanPath", (PyObject *)&LeanPathType) < 0) {
+        Py_DECREF(&LeanPathType);
         return -1;
     }
     Py_INCREF(&ScopeCoreType);
@@ -2678,6 +3322,9 @@ static PyMethodDef methods[] = {
      "release_request(released, watcher, finish)\n--\n\nEnd the request watcher and its "
      "scope, if any; keep finish on it; append it to released (a deque the collector "
      "empties)."},
+    {"running_request", py_running_request, METH_NOARGS,
+     "running_request()\n--\n\nThe innermost open request watcher among the lean calls "
+     "(LeanPath) running on this thread, or None."},
     {"open_watchers", py_open_watchers, METH_NOARGS,
      "open_watchers()\n--\n\nRequest watchers made and not yet ended."},
     {"code_opens", py_code_opens, METH_NOARGS,
