@@ -2718,6 +2718,10 @@ static PyObject *watcher_send_method(SendWatcher *w, PyObject *arg)
 
 static PyObject *watcher_throw(SendWatcher *w, PyObject *args)
 {
+    if (PyTuple_GET_SIZE(args) < 1 || PyTuple_GET_SIZE(args) > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes from 1 to 3 arguments");
+        return NULL;
+    }
     if (lean_enter(w) < 0) {
         return NULL;
     }
