@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import warnings
 import zlib
 from collections import Counter
@@ -1107,68 +1108,99 @@ def test_non_ascii_names_are_kept_readable(native: ModuleType) -> None:
     assert names and names <= {"f?nf_?", "fünf_Ω"}, names
 
 
-def test_request_watchers_tag_and_count_only_their_own_open_requests(native: ModuleType) -> None:
-    """watch_request applies only where the lean path does. While a root code's watcher slot
-    holds an open watcher, the samples taken below that frame carry its tag and are counted
-    on it; once the watcher has ended, or in a frame whose slot holds no watcher, none is."""
+class _Pause:
+    """Suspends the coroutine awaiting it once (as a pending read would)."""
+
+    def __await__(self) -> Iterator[None]:
+        yield
+
+
+def test_lean_calls_tag_and_count_only_their_own_running_requests(native: ModuleType) -> None:
+    """A LeanPath applies only where the lean path does: set_lean on, the sampler running at
+    its period, the calling thread armed. While its lean call runs the app's awaitable, the
+    thread's samples carry the call's tag and are counted on it; while the app is suspended,
+    after it ended, or outside any lean call, none is. A request that took samples goes to
+    on_end; a path excluded gets the app's own awaitable."""
     import collections
+    import itertools
 
     from otlp_middleware.profiling import CpuProfilerConfig
-    from otlp_middleware.profiling._native_tier import _local_slot
+    from otlp_middleware.profiling._engine import ENGINE
 
-    def root(w: Any, until: float) -> Any:
-        watcher = w
-        while time.thread_time() < until:
-            pass
-        return watcher
-
-    native.add_root_code(root.__code__, _local_slot(root.__code__, "watcher"))
-    native.add_root_code(root.__code__, _local_slot(root.__code__, "watcher"))  # idempotent
-    with pytest.raises(ValueError, match="not a local"):
-        native.add_root_code(burst.__code__, 99)
-    with pytest.raises(TypeError):
-        native.add_root_code(root.__code__)  # a root code names its watcher's slot
-    with pytest.raises(TypeError):
-        native.add_root_code(root, 0)  # a code object, not a function
     period = CpuProfilerConfig().period_ns
+    with pytest.raises(ValueError):
+        native.LeanPath(0, 64, None)
+    with pytest.raises(TypeError):
+        native.LeanPath(period, 64, None, prefixes=("/static", 1))
+    counting = types.SimpleNamespace(_count=itertools.count())
+    path = native.LeanPath(
+        period, 64, 10**9, exact={"/livez"}, prefixes=("/health",), sampler=counting
+    )
+    ended: list[tuple[Any, ...]] = []
+
+    def on_end(*args: Any) -> None:
+        ended.append(args)
+
+    async def app(scope: Any, receive: Any, send: Any) -> str:
+        burst(0.3)  # its samples
+        await _Pause()
+        burst(0.2)  # its samples again, after the pause
+        return "done"
+
     native.start(1e9 / period)
     results: dict[str, Any] = {}
 
     def body() -> None:
-        results["unarmed"] = native.watch_request(print, period, 64, None)
+        scope = {"type": "http", "path": "/a", "root_path": "/r"}
+        native.set_lean(True)
+        results["unarmed"] = path(app, scope, None, print, on_end, False)
         native.arm_thread(0)
         try:
-            results["wrong_period"] = native.watch_request(print, period + 1, 64, None)
+            native.set_lean(False)
+            results["lean_off"] = path(app, scope, None, print, on_end, False)
+            native.set_lean(True)
+            results["wrong_period"] = native.LeanPath(period + 1, 64, None)(
+                app, scope, None, print, on_end, False
+            )
+            excluded = path(app, {**scope, "path": "/healthz"}, None, print, on_end, False)
+            results["excluded"] = type(excluded).__name__
+            excluded.close()
             open_before = native.open_watchers()
-            w = native.watch_request(print, period, 64, 10**9)
+            call = path(app, scope, None, print, on_end, False)
             results["open"] = native.open_watchers() - open_before
-            root(w, time.thread_time() + 0.3)  # open: its samples
-            results["during"] = w.samples
-            assert native.finish_request(w) is False  # took samples: not quiet
+            assert call.send(None) is None  # runs the app up to its pause
+            results["first"] = call.samples
+            burst(0.2)  # the app is suspended: not its samples
+            results["paused"] = call.samples
+            with pytest.raises(StopIteration) as stop:
+                call.send(None)
+            results["value"] = stop.value.value
             results["ended"] = native.open_watchers() - open_before
-            root(w, time.thread_time() + 0.2)  # ended: no longer its samples
-            results["after"] = w.samples
-            root(None, time.thread_time() + 0.2)  # no watcher: no tag at all
-            quiet = native.watch_request(print, period, 64, None)
-            results["quiet"] = native.finish_request(quiet)
-            results["watcher"] = w
+            burst(0.2)  # after the end
+            results["call"] = call
         finally:
             native.disarm_thread()
+            ENGINE._sync_lean()
 
     run_in_thread(body)
-    assert results["unarmed"] is None and results["wrong_period"] is None
-    assert results["open"] == 1 and results["ended"] == 0 and results["quiet"] is True
-    w = results["watcher"]
-    assert results["during"] >= 10 and results["after"] == results["during"]
-    assert w.tag < -(1 << 62) and w.root_key == w.tag and not w.open
-    assert w.period_ns == period and w.max_depth == 64
-    assert w.deadline_ns == w.opened_ns + 10**9 and w.closed_ns >= w.opened_ns
-    tagged = [s for s in native.drain() if w.tag in s[1]]
-    assert len(tagged) == w.samples
-    assert all(s[5][0][0].endswith("root") for s in tagged)
+    assert results["unarmed"] is None and results["lean_off"] is None
+    assert results["wrong_period"] is None and results["excluded"] == "coroutine"
+    assert results["open"] == 1 and results["ended"] == 0 and results["value"] == "done"
+    call = results["call"]
+    assert results["first"] >= 10 and results["paused"] == results["first"]
+    assert call.samples >= results["first"] + 5  # the second burst, once resumed
+    assert call.tag < -(1 << 62) and call.root_key == call.tag and not call.open
+    assert call.period_ns == period and call.max_depth == 64
+    assert call.deadline_ns == call.opened_ns + 10**9 and call.closed_ns >= call.opened_ns
+    tagged = [s for s in native.drain() if call.tag in s[1]]
+    assert len(tagged) == call.samples
+    assert all(s[5][0][0].endswith("burst") and s[5][1][0].endswith("app") for s in tagged)
+    assert ended == [(call, {"type": "http", "path": "/a", "root_path": "/r"}, "/r", None)]
+    assert (path.always, path.decided, path.excluded, path.empty) == (1, 0, 1, 0)
+    assert next(counting._count) == 1  # the one request decided, not the excluded one
     # release_request ends it (idempotent here) and queues it with its finish
     released: collections.deque[Any] = collections.deque()
-    native.release_request(released, w, print)
-    assert list(released) == [w] and w.finish is print
+    native.release_request(released, call, print)
+    assert list(released) == [call] and call.finish is print
     with pytest.raises(TypeError):
-        native.finish_request(native.SendWatcher(print, None))  # not a request watcher
+        native.release_request(released, native.SendWatcher(print, None), print)

@@ -713,7 +713,7 @@ class _Ring:
 @needs_native
 @pytest.mark.skipif(ENGINE.method not in ("auto", "native"), reason="native tier not selected")
 def test_a_released_request_gets_the_samples_tagged_with_its_watcher() -> None:
-    """The ASGI request path ends its request watcher and hands it to the collector.
+    """The ASGI request path ends its lean call's request watcher and hands it on.
 
     The next drain makes the request's scope and gives it exactly the samples tagged with
     its watcher (the handler tags only while it is open), whatever their time stamps say (a
@@ -735,10 +735,16 @@ def test_a_released_request_gets_the_samples_tagged_with_its_watcher() -> None:
         period = 10_101_010
         # a server's first request starts the sampler and leaves the thread armed
         engine.close(engine.open_root_scope(sys._getframe(), period, 128, None))
-        watcher = engine.watch_request(print, period, 128, None)
+        lean = engine.lean_path(period, 128, None)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            time.sleep(0.001)
+
+        watcher = lean(app, {}, None, print, finish, True)
         assert watcher is not None and watcher.open
-        time.sleep(0.001)
-        assert engine.finish_request(watcher) is True  # no sample of its own was counted
+        with pytest.raises(StopIteration):
+            watcher.send(None)
+        assert not watcher.open and lean.empty == 1  # no sample of its own was counted
         frames = (("request", __file__, 1, 2),)
         tag = watcher.tag
         ring.give(

@@ -38,7 +38,9 @@ closer together than the tick are delivered as one signal whose ``cpu_ns`` cover
 period, that happens only above twice the tick rate (125 Hz with a 250 Hz tick).
 """
 
-from types import CodeType, FrameType
+from collections.abc import Callable, Generator
+from collections.abc import Set as AbstractSet
+from types import FrameType
 from typing import Any
 
 #: The real-time signal the timers deliver (SIGRTMIN+3).
@@ -110,14 +112,6 @@ def add_root(frame: FrameType, token: int) -> bool:
     token. The frame is kept alive until :func:`remove_root` or :func:`stop`. Returns
     :func:`thread_armed`."""
 
-def add_root_code(code: CodeType, slot: int) -> None:
-    """Make every frame running ``code`` a request's root: ``slot`` is the index of one of the
-    code's fast locals, and a frame whose local there holds an open request watcher
-    (:func:`watch_request`) tags its samples with the watcher's ``tag`` and counts them in
-    its ``samples``; any other value, no tag. Permanent (survives :func:`stop`); idempotent
-    (a code keeps its first slot). Raises RuntimeError when the small fixed table (16 codes)
-    is full, ValueError for a slot that is not a local."""
-
 def remove_root(frame: FrameType) -> bool:
     """Forget a root frame; returns whether it was registered."""
 
@@ -162,18 +156,6 @@ class ScopeCore:
     root_key: int
     finish: Any
 
-def watch_request(
-    send: Any, period_ns: int, max_depth: int, max_duration_ns: int | None
-) -> SendWatcher | None:
-    """A request watcher: a :class:`SendWatcher` of ``send`` that is its request's scope until
-    the last body chunk (``open``). Kept in the fast local a root code was registered with
-    (:func:`add_root_code`), it tags and counts the samples taken below that frame. None
-    unless the sampler runs at ``period_ns`` and the calling thread is armed."""
-
-def finish_request(watcher: SendWatcher) -> bool:
-    """End a request watcher (and its ``scope``, if any); True if no sample was tagged with
-    it and it has no scope (nothing can be its request's own)."""
-
 def release_request(released: Any, watcher: SendWatcher, finish: Any) -> None:
     """End a request watcher and its scope, if any; keep ``finish`` on it; append it to the
     deque ``released`` (the engine's collector makes its scope and calls
@@ -183,8 +165,8 @@ def open_watchers() -> int:
     """Request watchers made and not yet ended."""
 
 class SendWatcher:
-    """An ASGI send callable: ``SendWatcher(send, scope)``, or a request watcher made by
-    :func:`watch_request`."""
+    """An ASGI send callable: ``SendWatcher(send, scope)``, or a request watcher made by a
+    :class:`LeanPath` call, which is also the awaitable running the app (a lean call)."""
 
     status: Any
     open: bool
@@ -202,6 +184,57 @@ class SendWatcher:
 
     def __init__(self, send: Any, scope: Any) -> None: ...
     def __call__(self, message: Any) -> Any: ...
+    # a lean call's awaitable protocol (a coroutine's: asyncio takes it for one)
+    def __await__(self) -> Generator[Any, None, Any]: ...
+    def __iter__(self) -> SendWatcher: ...
+    def __next__(self) -> Any: ...
+    def send(self, value: Any) -> Any: ...
+    def throw(self, *exc: Any) -> Any: ...
+    def close(self) -> None: ...
+
+class LeanPath:
+    """The ASGI request path at its leanest, for requests sampled at ``period_ns``.
+
+    Called as ``(app, scope, receive, send, on_end, decided)``: a lean call, a request
+    watcher that is at once the request's CPU scope, the ``send`` given to the app and the
+    awaitable that runs ``app(scope, receive, watcher)``; or None where the sampler does not
+    run at ``period_ns`` on the calling thread, or :func:`set_lean` is off. While it runs the
+    app's awaitable, the thread's samples carry its tag. When the app's awaitable is done it
+    ends the request: without a sample of its own it is counted in ``empty``, else handed to
+    ``on_end(watcher, scope, root_path, error)``. Undecided (``decided`` False), a path in
+    ``exact``, starting with one of ``prefixes`` or matched by ``match`` is not profiled
+    (``app(scope, receive, send)`` is returned, counted ``excluded``), and every other
+    request is counted on ``sampler`` (``next(sampler._count)``)."""
+
+    period_ns: int
+    max_depth: int
+    always: int
+    decided: int
+    excluded: int
+    empty: int
+    failures: int
+
+    def __init__(
+        self,
+        period_ns: int,
+        max_depth: int,
+        max_duration_ns: int | None,
+        *,
+        exact: AbstractSet[str] | None = None,
+        prefixes: tuple[str, ...] | None = None,
+        match: Callable[[str], Any] | None = None,
+        sampler: Any = None,
+    ) -> None: ...
+    def __call__(
+        self, app: Any, scope: Any, receive: Any, send: Any, on_end: Any, decided: bool
+    ) -> Any: ...
+
+def set_lean(on: bool) -> None:
+    """Whether :class:`LeanPath` calls make lean calls at all (off at import: the engine turns
+    it on while its native tier is in use)."""
+
+def running_request() -> SendWatcher | None:
+    """The innermost open request watcher among the lean calls running on this thread."""
 
 def code_opens() -> int:
-    """The number of request watchers :func:`watch_request` has made (never reset)."""
+    """The number of request watchers :class:`LeanPath` calls have made (never reset)."""

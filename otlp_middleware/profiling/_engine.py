@@ -41,7 +41,7 @@ engine (``os.register_at_fork``).
 
 The request path (``open_root_scope`` and ``close`` of an async root scope on the native
 tier) is kept lean: such a scope is kept out of the per-thread snapshots the other tiers
-read, and on a frame running a registered root code it takes no lock and makes no token
+read; the ASGI middleware's lean calls (``lean_path``) take no lock and make no token at all
 (``_native_tier.py``).
 """
 
@@ -112,8 +112,6 @@ class Engine(NativeTier):
                 OTLP_MIDDLEWARE_CPU_SAMPLER,
             )
         self.errors = RateLimitedLog(logger)
-        # id(code) -> code of the registered root codes (ids: a code object's hash is slow);
-        # kept across fork, like the extension's
         self._init_state()
         self.clock: Callable[[], int] = time.time_ns
         if hasattr(os, "register_at_fork"):
@@ -180,7 +178,7 @@ class Engine(NativeTier):
                 raise RuntimeError("set_method(): scopes are open")
             self._method = method
             self._native = self._native_module if method in ("auto", "native") else None
-            self._sync_watch_request()
+            self._sync_lean()
 
     def method_for(self, tid: int) -> str:
         """The tier that samples CPU on thread ``tid`` right now."""

@@ -11,11 +11,11 @@ The request path is the hot case, kept lean in three steps:
   no scope), so a request costs no timer system call;
 - an async root scope that only this tier samples stays out of the per-thread snapshots the
   other tiers read (``_native_roots``);
-- frames running a *root code* (``register_root_code``: the ASGI middleware's per-request
-  coroutine) are roots by themselves: the handler reads the request watcher
-  (``watch_request``) in the frame's watcher local and tags the samples with its unique tag,
-  so a request registers nothing; only one that took samples gets a scope, made on the
-  collector thread (``request_scope``, ``release_request``).
+- the ASGI middleware's requests are *lean calls* (``lean_path``): one object per request,
+  made in one call into the extension, that runs the app's awaitable and is on its thread's
+  list of running lean calls while it does, where the handler finds it and tags the samples
+  with its unique tag, so a request registers nothing; only one that took samples gets a
+  scope, made on the collector thread (``request_scope``, ``release_request``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
 from ..types import CpuSample
@@ -48,31 +48,10 @@ def load_native() -> Any:
     return _cpu_native
 
 
-def _no_watcher(*args: Any) -> None:
-    return None  # no native tier: the caller takes the general path
-
-
 # Root tags of request watchers (the extension's WATCH_TAG), far below every other token.
 WATCH_TAGS_BELOW = -(1 << 62)
 # Running requests whose samples ``collect`` holds until their scope is released.
 MAX_PENDING_REQUESTS = 4096
-
-
-def _local_slot(code: CodeType, name: str) -> int:
-    """The index of ``code``'s plain local ``name`` among its frame's fast locals.
-
-    The index ``STORE_FAST`` stores it by: on 3.11+ a position among all of the frame's
-    local names (``_varname_from_oparg``), on 3.10 its place in ``co_varnames``. A cell
-    variable (one an inner function captures) is not a plain local and has none.
-    """
-    if name in code.co_varnames and name not in code.co_cellvars:
-        name_of = getattr(code, "_varname_from_oparg", None)
-        if name_of is None:
-            return code.co_varnames.index(name)
-        for i in range(code.co_nlocals):
-            if name_of(i) == name:
-                return i
-    raise ValueError(f"{name!r} is not a plain local of {code.co_name}")
 
 
 def _needs_extension(*args: Any) -> Any:
@@ -94,27 +73,11 @@ class NativeTier:
     _lock: threading.Lock
     _collector: Collector | None
     errors: RateLimitedLog
-    watch_request: Callable[[Any, int, int, int | None], Any]
-    """``watch_request(send, period_ns, max_depth, max_duration_ns)``: the ASGI request path
-    at its leanest, a request watcher, or None (then the caller takes the general path).
-
-    The extension's ``watch_request``: one object, registered nowhere, that is both the
-    request's ``send`` (it notes the status and ends the request at the last body chunk)
-    and its CPU scope. The caller keeps it in the fast local its root code was registered
-    with (``register_root_code(code, watcher="watcher")``), where the signal handler finds
-    it: the handler tags the samples taken below that frame with the watcher's ``tag`` and
-    counts them. A request whose watcher took no sample needs nothing more
-    (``finish_request`` returns True); else ``request_scope`` makes its ``CodeScope``, which
-    ``collect`` fills from the samples carrying the tag."""
     release_request: Callable[[Any, Callable[[Any, Scope], None]], None]
     """``release_request(watcher, finish)``: end a request watcher whose request took samples,
     and hand it to the collector, which makes its scope (``request_scope``), gives it its
     samples, then calls ``finish(watcher, scope)`` on the collector thread. The extension's
     ``release_request``: the request path makes no scope object."""
-    finish_request: Callable[[Any], bool]
-    """``finish_request(watcher)``: end the request (if its last body chunk did not), and its
-    scope if it has one; True if nothing can be its own (no sample tagged, no scope)."""
-
     running_request: Callable[[], Any]
     """``running_request()``: the open request watcher of the innermost lean call
     (``lean_path``) running on this thread, or None: the request being served where it is
@@ -123,13 +86,10 @@ class NativeTier:
     def init_native_state(self, module: Any) -> None:
         self._native = module
         real = self._native_module
-        self.finish_request = real.finish_request if real is not None else _needs_extension
         self.running_request = real.running_request if real is not None else _no_request
         # A request watcher's tag -> (stack, cpu_ns, timestamp_ns) of the samples drained while
         # its request ran and had no scope yet: its scope takes them when it is released.
         self._pending: dict[int, list[tuple[tuple[int, ...], int, int]]] = {}
-        # root codes registered with a watcher slot -> the slot's variable name
-        self._watch_codes: dict[CodeType, str] = {}
         self._native_periods: dict[int, int] = {}
         self._native_period = 0  # the period the sampler runs at (0: not started)
         self._tokens: dict[int, tuple[int, str, tuple[Scope, ...]]] = {}
@@ -158,15 +118,13 @@ class NativeTier:
         self._frame_ids: dict[tuple[str, str, int, int], int] = {}
         self._token_counter = itertools.count(1)
         self._collector = None
-        self._sync_watch_request()
+        self._sync_lean()
 
-    def _sync_watch_request(self) -> None:
-        """Point ``watch_request`` at the extension while the native tier is in use."""
+    def _sync_lean(self) -> None:
+        """Let ``lean_path`` calls apply while the native tier is in use, and only then."""
         real = self._native_module
-        if real is not None and self._native is not None:
-            self.watch_request = real.watch_request
-        else:
-            self.watch_request = _no_watcher
+        if real is not None:
+            real.set_lean(self._native is not None)
 
     def new_code_opens(self) -> bool:
         """Whether request watchers were made since the last call (they keep the sampler
@@ -196,27 +154,6 @@ class NativeTier:
             self._native_unusable(exc)
             return False
         self._wake_collector()
-        return True
-
-    def register_root_code(self, code: CodeType, watcher: str) -> bool:
-        """Make every frame running ``code`` a root the signal handler recognises by itself.
-
-        For the code a request runs under (the ASGI middleware's per-request coroutine), so
-        its requests skip ``add_root``/``remove_root`` and their token bookkeeping:
-        ``watcher`` names a plain local of ``code``, and a frame is its request's root while
-        that local holds an open request watcher (``watch_request``), and none otherwise.
-        Permanent for the process (the first registration of a code stays); False where the
-        native sampler is unavailable.
-        """
-        native = self._native_module
-        if native is None:
-            return False
-        try:
-            native.add_root_code(code, _local_slot(code, watcher))  # idempotent
-        except RuntimeError as exc:  # more than the extension's small fixed table
-            logger.debug("otlp_middleware: root code not registered: %s", exc)
-            return False
-        self._watch_codes.setdefault(code, watcher)
         return True
 
     def lean_path(
@@ -267,7 +204,7 @@ class NativeTier:
         """The ``CodeScope`` of a request watcher, made on first use.
 
         For a request that took samples (its record is built from this scope), or whose work
-        runs on other threads too (``code_scope_on_stack``): while the request runs, the
+        runs on other threads too (``_offload.request_scope``): while the request runs, the
         scope is registered under the watcher's tag, so ``collect`` hands it the samples
         straight away; those drained before are pending until the scope is released.
         """
@@ -291,7 +228,7 @@ class NativeTier:
         return scope
 
     def open_watchers(self) -> int:
-        """Request watchers (``watch_request``) whose requests have not ended."""
+        """Request watchers (``lean_path`` calls) whose requests have not ended."""
         real = self._native_module
         return real.open_watchers() if real is not None else 0
 
@@ -375,26 +312,6 @@ class NativeTier:
             self.collect()
         self._release_period(scope.period_ns)
         return True
-
-    def code_scope_on_stack(self, frame: FrameType | None) -> Scope | None:
-        """The open code scope of the innermost frame from ``frame`` outwards that has one.
-
-        A frame running a registered root code whose watcher local holds an open request
-        watcher: that request's scope, made on first use (``request_scope``). A request whose
-        response has ended has none.
-        """
-        watch_codes = self._watch_codes
-        if not watch_codes:
-            return None
-        watcher_type = self._native_module.SendWatcher
-        while frame is not None:
-            name = watch_codes.get(frame.f_code)
-            if name is not None:
-                watcher = frame.f_locals.get(name)
-                if isinstance(watcher, watcher_type) and watcher.open:
-                    return self.request_scope(watcher)
-            frame = frame.f_back
-        return None
 
     def close_code_scope(self, scope: Scope) -> None:
         """Close a request's code scope (``request_scope``) at once (idempotent).
@@ -493,7 +410,7 @@ class NativeTier:
     def _native_unusable(self, exc: Exception) -> None:
         logger.warning("otlp_middleware: native CPU sampler unusable (%s); falling back", exc)
         self._native = None
-        self._sync_watch_request()
+        self._sync_lean()
 
     def _wake_collector(self) -> None:
         collector = self._collector

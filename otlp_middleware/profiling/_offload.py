@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,16 +45,13 @@ def request_scope() -> Scope | None:
     """The CPU scope of the request being served where this is called, if it is profiled.
 
     The contextvar, else the scope (``Engine.request_scope``) of the open request watcher
-    of the innermost lean call running on this thread (``Engine.running_request``), else
-    of the innermost registered root frame on the calling stack that holds one.
+    of the innermost lean call running on this thread (``Engine.running_request``).
     """
     scope = CURRENT_SCOPE.get()
     if scope is None and ENGINE.open_watchers():
         watcher = ENGINE.running_request()
         if watcher is not None:
             scope = ENGINE.request_scope(watcher)
-        elif ENGINE._watch_codes:
-            scope = ENGINE.code_scope_on_stack(sys._getframe(1))
     return scope
 
 

@@ -234,19 +234,10 @@ static int g_guard_installed;
 
 static root_t g_roots[ROOT_CAP];
 
-/* Root code objects: a frame running one of them is its request's root while the fast
- * local in its slot holds an open request watcher (watch_request), whose tag its samples
- * then carry. Registered once (the middleware's per-request coroutine), they spare the
- * request path an add_root() and a remove_root() per request. Never removed. */
-#define ROOT_CODE_CAP 16
-static _Atomic(PyCodeObject *) g_root_codes[ROOT_CODE_CAP];
-static int g_root_slots[ROOT_CODE_CAP]; /* each root code's watcher slot */
-static _Atomic int g_n_root_codes;
-
-/* The ASGI send callable of a profiled request (SendWatcher(send, scope), watch_request).
- * A request watcher (watch_request: id != 0) is its request's scope until the response completes
- * (open): the handler, finding it in its root code's watcher slot, tags the sample with
- * WATCH_TAG(id) and counts it in samples, so the request path registers nothing. */
+/* The ASGI send callable of a profiled request (SendWatcher(send, scope)).  A request watcher
+ * (made by a LeanPath: id != 0) is its request's scope until the response completes (open):
+ * while its lean call runs the app (tl_running), the handler tags the samples with
+ * WATCH_TAG(id) and counts them in samples, so the request path registers nothing. */
 typedef struct SendWatcher_ {
     PyObject_HEAD
     PyObject *send;
@@ -255,10 +246,10 @@ typedef struct SendWatcher_ {
     vectorcallfunc vectorcall;
     uint64_t id;                /* 0: not a request watcher */
     _Atomic uint32_t samples;   /* samples tagged with it (the handler, same thread) */
-    _Atomic int open;           /* from watch_request() to the end of the response */
+    _Atomic int open;           /* from its LeanPath call to the end of the response */
     int64_t opened_ns, closed_ns, period_ns, max_depth, max_duration_ns;
     unsigned long thread_id;
-    unsigned gen; /* g_gen at watch_request(): counted in g_open_watchers while open */
+    unsigned gen; /* g_gen when made: counted in g_open_watchers while open */
     PyObject *finish; /* release_request()'s: the collector calls finish(watcher, scope) */
     /* A lean call's (LeanPath): the awaitable that runs its request.  NULL otherwise. */
     struct LeanPath *path;  /* the LeanPath that made it (its counters) */
@@ -567,48 +558,6 @@ static inline int is_entry_frame(const _PyInterpreterFrame *f)
 }
 #endif
 
-/* Whether co was registered with add_root_code() (async-signal-safe). */
-static inline int is_root_code(PyCodeObject *co)
-{
-    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire);
-    for (int i = 0; i < n; i++) {
-        if (atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) == co) {
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* If co is a registered root code whose watcher slot holds an open request watcher, add
- * the watcher's tag (none: not a profiled request, no tag). */
-static inline void match_root_code(PyCodeObject *co, PyObject **locals,
-                                   int64_t *roots, int *n_roots)
-{
-    if (*n_roots >= MAX_ROOTS) {
-        return;
-    }
-    int n = atomic_load_explicit(&g_n_root_codes, memory_order_acquire);
-    for (int i = 0; i < n; i++) {
-        if (atomic_load_explicit(&g_root_codes[i], memory_order_relaxed) != co) {
-            continue;
-        }
-        int slot = g_root_slots[i];
-        if (locals == NULL || slot >= co->co_nlocals) {
-            return;
-        }
-        /* the slot holds a strong reference (or NULL) for as long as the frame runs */
-        PyObject *v = locals[slot];
-        if (v != NULL && Py_TYPE(v) == &SendWatcherType) {
-            SendWatcher *w = (SendWatcher *)v;
-            if (w->id != 0 && atomic_load_explicit(&w->open, memory_order_relaxed)) {
-                tl_walk_watchers[*n_roots] = w;
-                roots[(*n_roots)++] = WATCH_TAG(w->id);
-            }
-        }
-        return;
-    }
-}
-
 #if PY_VERSION_HEX >= 0x030B0000
 #define CO_QUALNAME(co) ((co)->co_qualname)
 #else
@@ -731,15 +680,12 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
 
 /* addr: the frame's instruction offset in bytes (PyCode_Addr2Line's), or -1 before its
  * first instruction (the line is then the first line). */
-static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, PyObject **locals,
-                               frame_ref_t *frames, int *depth, int *truncated, int have_roots,
-                               int64_t *roots, int *n_roots)
+static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, frame_ref_t *frames,
+                               int *depth, int *truncated, int have_roots, int64_t *roots,
+                               int *n_roots)
 {
-    if (have_roots) {
-        if (frame_obj != NULL) {
-            match_root(frame_obj, roots, n_roots);
-        }
-        match_root_code(co, locals, roots, n_roots);
+    if (have_roots && frame_obj != NULL) {
+        match_root(frame_obj, roots, n_roots);
     }
     if (*depth < MAX_DEPTH) {
         frame_info(co, addr, &frames[*depth].func, &frames[*depth].line);
@@ -774,8 +720,7 @@ static inline int record_frame(PyCodeObject *co, int addr, void *frame_obj, PyOb
 static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *truncated,
                       int64_t *roots, int *n_roots)
 {
-    int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0 ||
-                     atomic_load_explicit(&g_n_root_codes, memory_order_relaxed) > 0;
+    int have_roots = atomic_load_explicit(&g_roots_hwm, memory_order_relaxed) > 0;
     int walked = 0;
     int status = WALK_OK;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -793,8 +738,7 @@ static int walk_stack(PyThreadState *ts, frame_ref_t *frames, int *depth, int *t
         }
         PyCodeObject *co = (PyCodeObject *)ex;
         int lasti = _PyInterpreterFrame_LASTI(f);
-        if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj,
-                          (PyObject **)f->localsplus, frames,
+        if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj, frames,
                           depth, truncated, have_roots, roots, n_roots)) {
             break;
         }
@@ -831,7 +775,7 @@ restart:
 #endif
             int lasti = _PyInterpreterFrame_LASTI(f);
             if (!record_frame(co, lasti * (int)sizeof(_Py_CODEUNIT), (void *)f->frame_obj,
-                              f->localsplus, frames, depth, truncated, have_roots, roots, n_roots)) {
+                              frames, depth, truncated, have_roots, roots, n_roots)) {
                 f = NULL; /* deep enough, no roots to match: stop (truncated is set) */
                 walked = -1;
                 break;
@@ -876,8 +820,7 @@ done:
         if (co == NULL || Py_TYPE(co) != &PyCode_Type) {
             continue;
         }
-        if (!record_frame(co, f->f_lasti < 0 ? -1 : f->f_lasti * 2, (void *)f, f->f_localsplus,
-                          frames, depth,
+        if (!record_frame(co, f->f_lasti < 0 ? -1 : f->f_lasti * 2, (void *)f, frames, depth,
                           truncated, have_roots, roots, n_roots)) {
             break;
         }
@@ -1733,38 +1676,6 @@ static PyObject *py_add_root(PyObject *self, PyObject *args)
     return thread_armed_now();
 }
 
-static PyObject *py_add_root_code(PyObject *self, PyObject *args)
-{
-    PyObject *code;
-    int slot;
-    if (!PyArg_ParseTuple(args, "Oi:add_root_code", &code, &slot)) {
-        return NULL;
-    }
-    if (!PyCode_Check(code)) {
-        PyErr_Format(PyExc_TypeError, "add_root_code() needs a code object, got %.100s",
-                     Py_TYPE(code)->tp_name);
-        return NULL;
-    }
-    if (slot < 0 || slot >= ((PyCodeObject *)code)->co_nlocals) {
-        PyErr_Format(PyExc_ValueError, "add_root_code(): slot %d is not a local of the code",
-                     slot);
-        return NULL;
-    }
-    if (is_root_code((PyCodeObject *)code)) {
-        Py_RETURN_NONE; /* registered with the slot it was first given */
-    }
-    int n = atomic_load(&g_n_root_codes);
-    if (n >= ROOT_CODE_CAP) {
-        PyErr_SetString(PyExc_RuntimeError, "too many root code objects registered");
-        return NULL;
-    }
-    Py_INCREF(code); /* kept for the life of the process */
-    g_root_slots[n] = slot;
-    atomic_store(&g_root_codes[n], (PyCodeObject *)code);
-    atomic_store(&g_n_root_codes, n + 1);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_remove_root(PyObject *self, PyObject *frame)
 {
     check_fork_fast();
@@ -2209,32 +2120,6 @@ static PyTypeObject ScopeCoreType = {
     .tp_members = core_members,
 };
 
-/* The (period_ns, max_depth, max_duration_ns or None) arguments of the lean request path's
- * calls: -1 on an error; 0 where that path does not apply (the sampler does not run at
- * period_ns, or the calling thread is not armed); else 1.  max_duration 0: None. */
-static int lean_args(PyObject *const *args, long long *period, long long *max_depth,
-                     long long *max_duration)
-{
-    *period = PyLong_AsLongLong(args[0]);
-    if (*period == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *max_depth = PyLong_AsLongLong(args[1]);
-    if (*max_depth == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *max_duration = 0;
-    if (args[2] != Py_None) {
-        *max_duration = PyLong_AsLongLong(args[2]);
-        if (*max_duration == -1 && PyErr_Occurred()) {
-            return -1;
-        }
-    }
-    check_fork_fast();
-    return thread_sampled() &&
-           *period == atomic_load_explicit(&g_period_ns, memory_order_relaxed);
-}
-
 static PyObject *py_code_opens(PyObject *self, PyObject *unused)
 {
     return PyLong_FromUnsignedLongLong(atomic_load_explicit(&g_code_opens, memory_order_relaxed));
@@ -2423,53 +2308,13 @@ static PyObject *open_request_watcher(PyObject *send, long long period, long lon
     return (PyObject *)w;
 }
 
-/* watch_request(send, period_ns, max_depth, max_duration_ns): the ASGI request path at its
- * leanest.  A SendWatcher of send that is also the request's scope until its response
- * completes: the caller keeps it in the fast local its root code was registered with
- * (add_root_code), where the handler finds it.  None unless the sampler runs at period_ns
- * and the calling thread is armed (the caller then takes the general path). */
-static PyObject *py_watch_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "watch_request(send, period_ns, max_depth, max_duration_ns)");
-        return NULL;
-    }
-    long long period, max_depth, max_duration;
-    int lean = lean_args(args + 1, &period, &max_depth, &max_duration);
-    if (lean <= 0) {
-        return lean < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    return open_request_watcher(args[0], period, max_depth, max_duration);
-}
-
-/* finish_request(watcher): end the request (if its last body chunk did not already), and
- * end its scope if it has one; returns whether nothing can be its own: no sample tagged with
- * it and no scope (quiet requests then need nothing more). */
-static PyObject *py_finish_request(PyObject *self, PyObject *arg)
-{
-    if (Py_TYPE(arg) != &SendWatcherType || ((SendWatcher *)arg)->id == 0) {
-        PyErr_SetString(PyExc_TypeError, "finish_request() needs a watch_request() watcher");
-        return NULL;
-    }
-    SendWatcher *w = (SendWatcher *)arg;
-    close_watcher(w);
-    if (w->scope != Py_None) {
-        if (end_scope(w->scope) < 0) {
-            return NULL;
-        }
-        Py_RETURN_FALSE;
-    }
-    return PyBool_FromLong(atomic_load_explicit(&w->samples, memory_order_relaxed) == 0);
-}
-
 static PyObject *py_open_watchers(PyObject *self, PyObject *unused)
 {
     check_fork_fast();
     return PyLong_FromLongLong(atomic_load_explicit(&g_open_watchers, memory_order_relaxed));
 }
 
-/* release_request(released, watcher, finish): end the request watcher (as finish_request),
+/* release_request(released, watcher, finish): end the request watcher (and its scope, if any),
  * keep finish on it and append it to the deque released, where the engine's collector
  * makes its scope (request_scope) and calls finish(watcher, scope) once the samples are in.
  * So a request that took samples costs its request path one call more, no scope object. */
@@ -2477,7 +2322,7 @@ static PyObject *py_release_request(PyObject *self, PyObject *const *args, Py_ss
 {
     if (nargs != 3 || Py_TYPE(args[1]) != &SendWatcherType || ((SendWatcher *)args[1])->id == 0) {
         PyErr_SetString(PyExc_TypeError,
-                        "release_request(released, watcher: a watch_request() watcher, finish)");
+                        "release_request(released, watcher: a request watcher, finish)");
         return NULL;
     }
     SendWatcher *w = (SendWatcher *)args[1];
@@ -2521,6 +2366,8 @@ typedef struct LeanPath {
 } LeanPath;
 
 static PyTypeObject LeanPathType;
+/* set_lean(): whether LeanPath calls apply at all (the engine's native tier is in use) */
+static int g_lean_enabled;
 static PyObject *s_root_path, *s_empty_str, *s_throw, *s_close, *s_gi_code, *s_co_flags;
 static PyObject *s_path, *s_count;
 
@@ -2894,8 +2741,8 @@ static PyObject *leanpath_vectorcall(PyObject *self, PyObject *const *args, size
         return NULL;
     }
     check_fork_fast();
-    if (!thread_sampled() || p->period_ns != atomic_load_explicit(&g_period_ns,
-                                                                  memory_order_relaxed)) {
+    if (!g_lean_enabled || !thread_sampled() ||
+        p->period_ns != atomic_load_explicit(&g_period_ns, memory_order_relaxed)) {
         Py_RETURN_NONE;
     }
     int decided = args[5] == Py_True;
@@ -3060,6 +2907,16 @@ static PyTypeObject LeanPathType = {
     .tp_members = leanpath_members,
 };
 
+static PyObject *py_set_lean(PyObject *self, PyObject *flag)
+{
+    int on = PyObject_IsTrue(flag);
+    if (on < 0) {
+        return NULL;
+    }
+    g_lean_enabled = on;
+    Py_RETURN_NONE;
+}
+
 /* running_request(): the innermost open request watcher of the lean calls running on this
  * thread, or None. */
 static PyObject *py_running_request(PyObject *self, PyObject *unused)
@@ -3192,7 +3049,7 @@ static PyGetSetDef watcher_getset[] = {
 
 static PyMemberDef watcher_members[] = {
     {"opened_ns", T_LONGLONG, offsetof(SendWatcher, opened_ns), READONLY,
-     "When watch_request() made it (Unix ns)."},
+     "When its LeanPath call made it (Unix ns)."},
     {"period_ns", T_LONGLONG, offsetof(SendWatcher, period_ns), READONLY,
      "The sampling period."},
     {"max_depth", T_LONGLONG, offsetof(SendWatcher, max_depth), READONLY,
@@ -3290,11 +3147,6 @@ static PyMethodDef methods[] = {
     {"add_root", py_add_root, METH_VARARGS,
      "add_root(frame, token)\n--\n\nSamples whose stack holds frame carry token in "
      "root_tokens. Returns thread_armed()."},
-    {"add_root_code", py_add_root_code, METH_VARARGS,
-     "add_root_code(code, slot)\n--\n\nEvery frame running code is a request's root: a "
-     "frame whose fast local number slot holds an open request watcher (watch_request) tags "
-     "its samples with that watcher's tag, and counts them in its samples. Permanent; "
-     "idempotent."},
     {"remove_root", py_remove_root, METH_O,
      "remove_root(frame)\n--\n\nForget a root; returns whether it was registered."},
     {"drain", py_drain, METH_NOARGS,
@@ -3313,26 +3165,20 @@ static PyMethodDef methods[] = {
     {"end_scope", py_end_scope, METH_O,
      "end_scope(scope)\n--\n\nUnless scope.closed_ns is set: set it to now (Unix ns) and "
      "scope.quiet to whether mark() still equals scope.mark."},
-    {"watch_request", (PyCFunction)(void (*)(void))py_watch_request, METH_FASTCALL,
-     "watch_request(send, period_ns, max_depth, max_duration_ns)\n--\n\nA request watcher: "
-     "a SendWatcher of send that is its request's scope until the last body chunk (open); "
-     "kept in a root code's watcher slot (add_root_code), it tags and counts the samples "
-     "taken below that frame. None unless the sampler runs at period_ns and the calling "
-     "thread is armed."},
-    {"finish_request", py_finish_request, METH_O,
-     "finish_request(watcher)\n--\n\nEnd the request watcher (and its scope, if any). "
-     "Returns True if no sample was tagged with it and it has no scope."},
     {"release_request", (PyCFunction)(void (*)(void))py_release_request, METH_FASTCALL,
      "release_request(released, watcher, finish)\n--\n\nEnd the request watcher and its "
      "scope, if any; keep finish on it; append it to released (a deque the collector "
      "empties)."},
+    {"set_lean", py_set_lean, METH_O,
+     "set_lean(on)\n--\n\nWhether LeanPath calls make lean calls at all (off: they return "
+     "None, for the caller's general path). Off at import."},
     {"running_request", py_running_request, METH_NOARGS,
      "running_request()\n--\n\nThe innermost open request watcher among the lean calls "
      "(LeanPath) running on this thread, or None."},
     {"open_watchers", py_open_watchers, METH_NOARGS,
      "open_watchers()\n--\n\nRequest watchers made and not yet ended."},
     {"code_opens", py_code_opens, METH_NOARGS,
-     "code_opens()\n--\n\nThe number of request watchers watch_request() has made (never "
+     "code_opens()\n--\n\nThe number of request watchers LeanPath calls have made (never "
      "reset)."},
     {"mark", py_mark, METH_NOARGS,
      "mark()\n--\n\n-1 unless started and the calling thread is armed; else the number of "
