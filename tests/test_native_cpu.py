@@ -1087,6 +1087,8 @@ def test_the_frame_cache_names_the_code_that_ran_when_addresses_are_reused(
         wrong += [(i, line, first) for name, _, first, line in leaves if line not in hot]
         assert all(name == "gen" for name, _, _, _ in leaves), leaves
     stats = native.stats()
+    # every dead code object counted: a cache entry made before is checked in full again
+    assert stats["code_deaths_counted"] == 1 and stats["code_deaths"] >= 60, stats
     assert max(addresses.values()) > 1, "no code address was reused: the test proves nothing"
     assert sampled_rounds >= 30, stats
     assert stats["frame_cache_hits"] > 0, stats

@@ -128,7 +128,9 @@ def stats() -> dict[str, int]:
     dropped), frame_cache_hits and frame_cache_misses (frames whose function and line came
     from the frame cache, or were computed), handler_ns (the time the signal handler spent
     on samples, its timer's re-arming included, not the kernel's delivery), roots, started,
-    signal."""
+    signal, code_deaths (code objects deallocated since import: each makes the frame cache
+    check its older entries in full once) and code_deaths_counted (1 once that counting is
+    in place; 0: every entry is checked in full)."""
 
 def active_timers() -> int:
     """The number of timers this module's threads have (armed or disarmed): what

@@ -180,16 +180,62 @@ typedef struct {
 /* One entry of the frame cache (see "Frame cache" at frame_info): a seqlock (even:
  * stable, odd: being written) over what a frame's function and line were computed from. */
 typedef struct {
+    /* what a hit reads, in its first 32 bytes (one cache line: entries are 96 bytes) */
     _Atomic uint32_t seq;
     int32_t addr; /* the instruction offset in bytes (-1: before the first) */
-    int32_t first_line;
     int32_t line;
     uint32_t func;
-    const void *code, *qualname, *filename, *linetable;
+    const void *code;
+    uint64_t code_deaths; /* g_code_deaths when the entry was made or last checked */
+    /* what the entry was computed from, checked once a code object has died since */
+    const void *qualname, *filename, *linetable;
     Py_hash_t qualname_hash, filename_hash; /* -1: not known, the texts are compared */
     Py_ssize_t linetable_len;
     uint64_t linetable_head; /* the line table's first bytes (up to 8) */
+    int32_t first_line;
 } frame_cache_t;
+
+/* Code objects deallocated so far (see "Frame cache"): counted by a code watcher (3.12+) or
+ * by PyCode_Type's tp_dealloc, wrapped (3.10, 3.11).  Until counting is in place
+ * (count_code_deaths) every entry is checked in full: g_deaths_counted is 0. */
+static _Atomic uint64_t g_code_deaths;
+static int g_deaths_counted;
+
+#if PY_VERSION_HEX >= 0x030C0000
+static int on_code_event(PyCodeEvent event, PyCodeObject *co)
+{
+    (void)co;
+    if (event == PY_CODE_EVENT_DESTROY) {
+        atomic_fetch_add_explicit(&g_code_deaths, 1, memory_order_release);
+    }
+    return 0;
+}
+#else
+static destructor g_code_dealloc; /* PyCode_Type's own */
+
+static void counting_code_dealloc(PyObject *co)
+{
+    atomic_fetch_add_explicit(&g_code_deaths, 1, memory_order_release);
+    g_code_dealloc(co);
+}
+#endif
+
+/* Count every code object's end from now on (once per process; at import). */
+static void count_code_deaths(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyCode_AddWatcher(on_code_event) < 0) {
+        PyErr_Clear(); /* all watcher slots taken: entries are checked in full */
+        return;
+    }
+#else
+    if (PyCode_Type.tp_dealloc != counting_code_dealloc) { /* never wrapped twice */
+        g_code_dealloc = PyCode_Type.tp_dealloc;
+        PyCode_Type.tp_dealloc = counting_code_dealloc;
+    }
+#endif
+    g_deaths_counted = 1;
+}
 
 typedef struct {
     _Atomic(void *) key; /* the PyFrameObject, compared with frames on the stack */
@@ -617,9 +663,39 @@ static inline Py_hash_t str_hash(PyObject *s)
  * same function (same name, file and first line) made at the same address with a line table
  * at the same address as the dead one's, of the same length and first bytes, that differs
  * further on: generated code that varies only past its first lines, at the cost of a line
- * number, never of a function or a crash. */
+ * number, never of a function or a crash.
+ *
+ * Those checks read three more objects per frame (the names and the line table), cache
+ * misses each when the handler runs with cold caches, as it does in a loaded server.  They
+ * are needed only once a code object has died: no code object can be at an entry's address
+ * but the one it was made for while none has been deallocated since.  So every code
+ * object's end is counted (g_code_deaths), an entry keeps the count it was made or last
+ * checked under, and while the two agree a hit reads the entry's first 32 bytes and nothing
+ * else; an entry older than the last death is checked in full, and renewed if it holds.  In
+ * a server, code objects die at start-up and rarely after. */
 static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_t *line)
 {
+    /* read before anything of co: a death from here on leaves the entry made below older */
+    uint64_t deaths = atomic_load_explicit(&g_code_deaths, memory_order_acquire);
+    uintptr_t k = (uintptr_t)co;
+    frame_cache_t *e =
+        &g_frame_cache[((k >> 4) ^ (k >> 17) ^ ((uint32_t)addr * 0x9E3779B1u)) &
+                       (CODE_CACHE_CAP - 1)];
+    uint32_t seq = atomic_load_explicit(&e->seq, memory_order_acquire);
+    if (!(seq & 1)) {
+        const void *c_code = LOAD(e->code);
+        int32_t c_addr = LOAD(e->addr), c_line = LOAD(e->line);
+        uint32_t c_func = LOAD(e->func);
+        uint64_t c_deaths = LOAD(e->code_deaths);
+        atomic_thread_fence(memory_order_acquire);
+        if (c_deaths == deaths && g_deaths_counted && c_code == co && c_addr == addr &&
+            atomic_load_explicit(&e->seq, memory_order_relaxed) == seq) {
+            tl_frame_cache_hits++;
+            *func = c_func;
+            *line = c_line;
+            return;
+        }
+    }
     PyObject *qual = CO_QUALNAME(co), *file = co->co_filename, *lt = co->co_linetable;
     int32_t first = (int32_t)co->co_firstlineno;
     Py_ssize_t lt_len = (lt != NULL && PyBytes_CheckExact(lt)) ? PyBytes_GET_SIZE(lt) : -1;
@@ -628,11 +704,6 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
         memcpy(&lt_head, PyBytes_AS_STRING(lt), lt_len < 8 ? (size_t)lt_len : 8);
     }
     Py_hash_t qhash = str_hash(qual), fhash = str_hash(file);
-    uintptr_t k = (uintptr_t)co;
-    frame_cache_t *e =
-        &g_frame_cache[((k >> 4) ^ (k >> 17) ^ ((uint32_t)addr * 0x9E3779B1u)) &
-                       (CODE_CACHE_CAP - 1)];
-    uint32_t seq = atomic_load_explicit(&e->seq, memory_order_acquire);
     if (!(seq & 1)) {
         const void *c_code = LOAD(e->code), *c_qual = LOAD(e->qualname);
         const void *c_file = LOAD(e->filename), *c_lt = LOAD(e->linetable);
@@ -651,6 +722,13 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
             tl_frame_cache_hits++;
             *func = c_func;
             *line = c_line;
+            /* it holds: renewed under the current count (unless another thread writes it) */
+            if (atomic_compare_exchange_strong_explicit(&e->seq, &seq, seq + 1,
+                                                        memory_order_acq_rel,
+                                                        memory_order_relaxed)) {
+                STORE(e->code_deaths, deaths);
+                atomic_store_explicit(&e->seq, seq + 2, memory_order_release);
+            }
             return;
         }
     }
@@ -675,6 +753,7 @@ static inline void frame_info(PyCodeObject *co, int addr, uint32_t *func, int32_
     STORE(e->first_line, first);
     STORE(e->line, *line);
     STORE(e->func, *func);
+    STORE(e->code_deaths, deaths);
     atomic_store_explicit(&e->seq, seq + 2, memory_order_release);
 }
 
@@ -1875,7 +1954,7 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
     pthread_mutex_unlock(&g_timer_lock);
     int armed = atomic_load(&g_timers_armed);
     return Py_BuildValue(
-        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisi}", "samples",
+        "{sKsKsisisKsKsKsKsKsKsKsKsKsKsKsKsKsKsisisisKsi}", "samples",
         (unsigned long long)atomic_load(&st_samples), "dropped",
         (unsigned long long)atomic_load(&st_dropped), "timers_active", active, "timers_armed",
         armed,
@@ -1893,7 +1972,9 @@ static PyObject *py_stats(PyObject *self, PyObject *unused)
         (unsigned long long)atomic_load(&st_frame_cache_hits), "frame_cache_misses",
         (unsigned long long)atomic_load(&st_frame_cache_misses), "handler_ns",
         (unsigned long long)atomic_load(&st_handler_ns), "roots", g_n_roots, "started",
-        g_started, "signal", g_signo);
+        g_started, "signal", g_signo, "code_deaths",
+        (unsigned long long)atomic_load(&g_code_deaths), "code_deaths_counted",
+        g_deaths_counted);
 }
 
 static PyObject *py_active_timers(PyObject *self, PyObject *unused)
@@ -3205,6 +3286,7 @@ PyMODINIT_FUNC PyInit__cpu_native(void)
     }
     g_signo = SIGRTMIN + 3;
     g_pid = getpid();
+    count_code_deaths();
     int err = pthread_key_create(&g_key, on_thread_exit);
     if (err == 0) {
         err = pthread_atfork(NULL, NULL, on_fork_child);
