@@ -7,10 +7,12 @@ read the status and to notice the last body chunk, and responses stream unchange
 The lifespan scope passes through too, except that the profiles still queued are exported
 when the app reports its shutdown complete.
 
-A sampled request owns the frames below this middleware's own coroutine frame: samples of
-the event loop's thread belong to the request whose frame is on the sampled stack, so
-concurrent requests on one loop never share samples. Work the request offloads to threads
-(``def`` endpoints, ``asyncio.to_thread``, ``run_in_executor``) stays attributed to it.
+A sampled request owns what runs while its app's awaitable runs: on the lean path (see
+``ProfilingMiddleware.__call__``), samples of the event loop's thread belong to the request
+whose lean call is stepping the app at that moment; on the general path, to the request whose
+root coroutine frame is on the sampled stack. Concurrent requests on one loop never share
+samples. Work the request offloads to threads (``def`` endpoints, ``asyncio.to_thread``,
+``run_in_executor``) stays attributed to it.
 """
 
 from __future__ import annotations
@@ -97,8 +99,9 @@ class ProfilingMiddleware:
         the app. It ends the request itself; only a request that took a sample reaches
         Python again (``_lean_end``), to have its record built on the engine's collector
         thread. Cold caches make every Python call and object here cost microseconds under
-        load, so the decision is inline. Everything else, as other scope types and route
-        decorators, goes through the coroutine ``_call``.
+        load, so with ``AlwaysSample`` the decision (the excluded paths, its count) is made in
+        that same call. Everything else, as other scope types and route decorators, goes
+        through the coroutine ``_call``.
         """
         if scope["type"] != "http" or ROUTE_DECORATORS["in_use"]:
             return self._call(scope, receive, send)
