@@ -158,17 +158,29 @@ def test_fastapi_def_endpoint_bursts_are_exact(tmp_path: object) -> None:
     the hand-off to the thread pool), taken while the middleware's lean call runs the app:
     measured ~0.33 ms of loop CPU per 1 ms handler, so across all samples the burst held
     ~73% of the weight and the count was ~125% of 99 Hz x handler CPU (1 ms bursts, 3.11).
-    Those loop samples are checked for attribution only: each must hold the app's own
-    frame (the lean call has none of its own: what runs below it is the app's).
+    Those loop samples are checked for attribution only (see ``assert_inside_requests``).
     """
     cpu_seconds, samples = fastapi_bursts(str(tmp_path), "/burst")
     workers = [s for s in samples if s[0].startswith("AnyIO worker thread")]
     assert_accurate(workers, cpu_seconds)
     loop = [s for s in samples if s[0] == "MainThread"]
     assert len(loop) + len(workers) == len(samples), {s[0] for s in samples}
+    assert_inside_requests(loop)
+
+
+def assert_inside_requests(samples: list[tuple[str, set[str], list[int]]]) -> None:
+    """Samples of the event loop attributed to a request were taken inside one.
+
+    Each holds uvicorn's coroutine of a request (``run_asgi``), and nearly all the app's own
+    frame: the lean call that runs the app has no frame of its own, and the few without the
+    app's frame were taken in its step as the app's coroutine ended (its frame gone, its
+    locals being freed: the request's work all the same; 1 in 48 loop samples on 3.13).
+    """
+    assert samples
     # 3.10 frames carry bare names, later versions qualified names.
-    root = {"FastAPI.__call__", "__call__"}  # the app's: the middleware has no frame
-    assert all(names & root for _, names, _ in loop)
+    assert all(any(n.endswith("run_asgi") for n in names) for _, names, _ in samples)
+    in_app = sum(1 for _, names, _ in samples if names & {"FastAPI.__call__", "__call__"})
+    assert in_app >= 0.8 * len(samples), (in_app, len(samples))
 
 
 @pytest.mark.server
@@ -193,8 +205,7 @@ def test_fastapi_async_endpoint_bursts_on_the_loop_are_exact(tmp_path: object) -
     assert abs(weight_s - cpu_seconds) <= 0.25 * cpu_seconds, (weight_s, cpu_seconds)
     share, _ = burst_figures(samples)
     assert share >= 0.6, f"{share:.1%} of the requests' CPU weight in the burst"
-    root = {"FastAPI.__call__", "__call__"}  # the app's: the middleware has no frame
-    assert all(names & root for _, names, _ in samples)
+    assert_inside_requests(samples)
 
 
 # ---------------------------------------------------------------- concurrency
