@@ -280,12 +280,11 @@ class RequestProfiler:
         self._exclude_exact, self._exclude_prefixes, self._exclude_match = split_globs(
             self.exclude_paths
         )
-        self.lean_root: tuple[int, int, int | None] | None = None
         self.lean_path: Any = None
         self.lean_always = False
         # (always, decided, excluded, empty) counted by the lean paths replaced so far
         self._lean_counted = (0, 0, 0, 0)
-        self._update_lean_root()
+        self._update_lean_path()
         # (config, period_ns, max_depth, max_duration_ns) for ENGINE.open_root_scope
         self._root_args: tuple[Any, int, int, int | None] = (None, 0, 0, None)
         self._extra = dict(extra_attributes or {})
@@ -310,7 +309,7 @@ class RequestProfiler:
     @sampler.setter
     def sampler(self, value: SamplingStrategy) -> None:
         self._sampler = value
-        self._update_lean_root()
+        self._update_lean_path()
 
     @property
     def enabled(self) -> bool:
@@ -320,7 +319,7 @@ class RequestProfiler:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = value
-        self._update_lean_root()
+        self._update_lean_path()
 
     @property
     def cpu(self) -> CpuProfilerConfig | None:
@@ -330,7 +329,7 @@ class RequestProfiler:
     @cpu.setter
     def cpu(self, value: CpuProfilerConfig | None) -> None:
         self._cpu = value
-        self._update_lean_root()
+        self._update_lean_path()
 
     @property
     def memory(self) -> Any:
@@ -340,19 +339,17 @@ class RequestProfiler:
     @memory.setter
     def memory(self, value: Any) -> None:
         self._memory = value
-        self._update_lean_root()
+        self._update_lean_path()
 
-    def _update_lean_root(self) -> None:
-        # ``lean_root``: the (period_ns, max_depth, max_duration_ns) of the request scopes
-        # when a sampled request needs only on-CPU samples, which an async adapter can then
-        # take at its leanest, through ``lean_path`` (``ENGINE.lean_path``: None where the
-        # native sampler is unavailable); else both None. Kept in step with ``cpu`` and
-        # ``memory`` by their setters.
+    def _update_lean_path(self) -> None:
+        # ``lean_path`` (``ENGINE.lean_path``): when a sampled request needs only on-CPU
+        # samples, an async adapter takes it at its leanest through this; else None (as
+        # where the native sampler is unavailable). Kept in step with ``sampler``,
+        # ``enabled``, ``cpu`` and ``memory`` by their setters.
         cpu = self._cpu
-        if cpu is None or cpu.include_system_calls or self._memory is not None:
-            self.lean_root = None
-        else:
-            self.lean_root = _root_scope_args(cpu)[1:]
+        lean_root = None  # the request scopes' (period_ns, max_depth, max_duration_ns)
+        if cpu is not None and not cpu.include_system_calls and self._memory is None:
+            lean_root = _root_scope_args(cpu)[1:]
         old = self.lean_path
         if old is not None:  # its counts stay in stats()
             always, decided, excluded, empty = self._lean_counted
@@ -367,9 +364,9 @@ class RequestProfiler:
         # excluded paths and count the decision, instead of calling ``should_profile``.
         self.lean_always = type(self._sampler) is AlwaysSample and self._enabled
         self.lean_path = None
-        if self.lean_root is not None:
+        if lean_root is not None:
             self.lean_path = ENGINE.lean_path(
-                *self.lean_root,
+                *lean_root,
                 exact=self._exclude_exact or None,
                 prefixes=self._exclude_prefixes or None,
                 match=self._exclude_match,
