@@ -350,15 +350,7 @@ class RequestProfiler:
         lean_root = None  # the request scopes' (period_ns, max_depth, max_duration_ns)
         if cpu is not None and not cpu.include_system_calls and self._memory is None:
             lean_root = _root_scope_args(cpu)[1:]
-        old = self.lean_path
-        if old is not None:  # its counts stay in stats()
-            always, decided, excluded, empty = self._lean_counted
-            self._lean_counted = (
-                always + old.always,
-                decided + old.decided,
-                excluded + old.excluded,
-                empty + old.empty,
-            )
+        self._lean_counted = self._lean_counts()  # the replaced path's counts stay in stats()
         # ``lean_always``: every request not excluded is profiled (the built-in
         # ``AlwaysSample``, enabled): the ASGI adapter then has ``lean_path`` check the
         # excluded paths and count the decision, instead of calling ``should_profile``.
@@ -372,6 +364,23 @@ class RequestProfiler:
                 match=self._exclude_match,
                 sampler=self._sampler if self.lean_always else None,
             )
+
+    def _lean_counts(self) -> tuple[int, int, int, int]:
+        """(always, decided, excluded, empty) the lean paths counted, the current one included.
+
+        The ASGI adapter's lean calls are counted in the extension (``ENGINE.lean_path``).
+        """
+        counted = self._lean_counted
+        lean = self.lean_path
+        if lean is None:
+            return counted
+        always, decided, excluded, empty = counted
+        return (
+            always + lean.always,
+            decided + lean.decided,
+            excluded + lean.excluded,
+            empty + lean.empty,
+        )
 
     # ------------------------------------------------------------------ decision
     def should_profile(
@@ -641,13 +650,7 @@ class RequestProfiler:
     def stats(self) -> ProfilerStats:
         """The counters, with every request that has ended counted."""
         ENGINE.flush_code_scopes()
-        always, decided, excluded, empty = self._lean_counted
-        lean = self.lean_path
-        if lean is not None:  # the ASGI adapter's lean calls: counted in the extension
-            always += lean.always
-            decided += lean.decided
-            excluded += lean.excluded
-            empty += lean.empty
+        always, decided, excluded, empty = self._lean_counts()
         return ProfilerStats(
             requests=self._requests + always + excluded,
             sampled=self._sampled + always + decided,
