@@ -21,6 +21,7 @@ EXTENSIONS = [
     ("otlp_middleware.profiling._cpu_native", "cpu_sampler.c"),
     ("otlp_middleware.profiling._memalloc", "memalloc.c"),
     ("otlp_middleware.profiling._handoff", "gil_handoff.c"),
+    ("otlp_middleware.profiling._private_heap", "private_heap.c"),
 ]
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..profiling._bell import Bell
+from ..profiling._heap import PRIVATE_HEAP
 from ..profiling._scope import RateLimitedLog
 from ..types import ProfileRecord
 from ._base import Exporter, ExportResult
@@ -60,6 +61,9 @@ class BatchProcessor:
         max_export_batch_size: records per ``exporter.export`` call.
         schedule_delay: seconds between exports when the queue is not full.
         export_timeout: seconds ``shutdown`` gives the exporter to finish.
+
+    The background thread calls the exporter in ``PRIVATE_HEAP`` (``profiling._heap``): the
+    windows and files it builds come from the C allocator, not the app's allocator pools.
 
     Example::
 
@@ -156,7 +160,8 @@ class BatchProcessor:
             # Taken before the drain, so whatever was emitted before they were asked for is
             # exported before they are answered (a later one rings again).
             waiters, stopping = self._take_flush_requests()
-            self._drain(deadline=None)
+            with PRIVATE_HEAP:
+                self._drain(deadline=None)
             for w in waiters:
                 w.set()
             if stopping:
@@ -175,15 +180,16 @@ class BatchProcessor:
         exporter: Any = self.exporter
         while True:
             waiters, stopping = self._take_flush_requests()  # before the work, as in _run
-            self._absorb()
-            if waiters or stopping:
-                self._write_window(everything=True)
-            elif (
-                time.monotonic() >= self._write_at
-                or exporter.pending >= self.max_export_batch_size
-                or getattr(exporter, "window_full", False)
-            ):
-                self._write_window()
+            with PRIVATE_HEAP:
+                self._absorb()
+                if waiters or stopping:
+                    self._write_window(everything=True)
+                elif (
+                    time.monotonic() >= self._write_at
+                    or exporter.pending >= self.max_export_batch_size
+                    or getattr(exporter, "window_full", False)
+                ):
+                    self._write_window()
             for w in waiters:
                 w.set()
             if stopping:

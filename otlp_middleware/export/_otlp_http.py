@@ -59,6 +59,7 @@ from ..otlp._encode import (
     encode_profiles,
 )
 from ..otlp._resource import ResourceConfig, library_version
+from ..profiling._heap import outside_private_heap
 from ..types import ProfileRecord
 from ._base import ExportResult
 
@@ -435,7 +436,8 @@ class ProfileExporter:
         self._client = self._make_client()  # the parent's client is left alone, not closed
 
     def _interruptible_sleep(self, seconds: float) -> None:
-        self._closed.wait(seconds)
+        with outside_private_heap():
+            self._closed.wait(seconds)
 
     # -- public surface --------------------------------------------------------------------
 
@@ -681,11 +683,12 @@ class ProfileExporter:
             remaining = deadline - self._clock()
             retry_after: float | None = None
             try:
-                response = self._client.post(
-                    endpoint,
-                    content=body,
-                    timeout=min(self._settings.timeout_secs, max(remaining, 0.001)),
-                )
+                with outside_private_heap():  # the round trip: the app allocates unwrapped
+                    response = self._client.post(
+                        endpoint,
+                        content=body,
+                        timeout=min(self._settings.timeout_secs, max(remaining, 0.001)),
+                    )
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:

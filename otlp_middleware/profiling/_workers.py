@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ._bell import Bell
+from ._heap import PRIVATE_HEAP
 from ._scope import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class Collector:
     scope has been open for ``IDLE_TEARDOWN`` seconds it tears the native sampler down
     (timers deleted, signal disposition restored) and blocks on an event: no wake-ups until
     the next scope. The grace period spares back-to-back requests a teardown and set-up each.
+    Its drains and records are made in ``PRIVATE_HEAP``: out of the app's allocator pools.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -115,7 +117,7 @@ class Collector:
             self._stop_bell.wait(BUSY_COLLECT_INTERVAL if busy else COLLECT_INTERVAL)
             if self._stopped:
                 return
-            with engine._lock:
+            with PRIVATE_HEAP, engine._lock:
                 try:
                     engine.collect()
                     if (
@@ -134,4 +136,5 @@ class Collector:
                         self._active.clear()
                 except Exception:
                     self._errors.exception("otlp_middleware: draining native samples failed")
-            engine.run_finished()  # the released request scopes' records, without the lock
+            with PRIVATE_HEAP:
+                engine.run_finished()  # the released request scopes' records, without the lock
