@@ -24,6 +24,7 @@ except ImportError:  # not built: no compiler, not Linux
     pytest.skip("otlp_middleware.profiling._private_heap is not built", allow_module_level=True)
 
 from otlp_middleware.profiling import _heap
+from otlp_middleware.profiling._engine import ENGINE
 from otlp_middleware.profiling._heap import PRIVATE_HEAP
 
 from . import workloads
@@ -241,3 +242,33 @@ async def cpu_app(scope: Any, receive: Any, send: Any) -> None:
     workloads.hot_function(0.05)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.skipif(
+    not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
+    reason="the lean call runs on the native tier",
+)
+def test_a_request_hands_its_samples_on_from_the_private_heap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lean ASGI path's end of a request that took samples (``_lean_end``) makes what
+    waits for the collector (the request's context, its ``finish``) in the private heap."""
+    from otlp_middleware.middleware._core import ROUTE_DECORATORS
+
+    monkeypatch.setitem(ROUTE_DECORATORS, "in_use", False)  # other test modules apply some
+    seen: list[dict[str, Any]] = []
+    release = ENGINE.release_request
+
+    def spy(watcher: Any, finish: Any) -> None:
+        seen.append(_heap.stats())
+        release(watcher, finish)
+
+    monkeypatch.setattr(ENGINE, "release_request", spy)
+    exporter = KeepingExporter()
+    mw = make(cpu_app, exporter)
+    for path in ("/a", "/b", "/c"):
+        asyncio.run(asgi_get(mw, path))
+    mw.profiler.shutdown(5)
+    assert len(seen) >= 2  # the first request takes the general path
+    assert all(s["marked"] and s["installed"] for s in seen), seen
+    assert not _heap.stats()["marked"]

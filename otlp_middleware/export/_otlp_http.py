@@ -436,7 +436,7 @@ class ProfileExporter:
         self._client = self._make_client()  # the parent's client is left alone, not closed
 
     def _interruptible_sleep(self, seconds: float) -> None:
-        with outside_private_heap():
+        with outside_private_heap():  # a back-off: the app's threads allocate unwrapped
             self._closed.wait(seconds)
 
     # -- public surface --------------------------------------------------------------------
@@ -683,12 +683,13 @@ class ProfileExporter:
             remaining = deadline - self._clock()
             retry_after: float | None = None
             try:
-                with outside_private_heap():  # the round trip: the app allocates unwrapped
-                    response = self._client.post(
-                        endpoint,
-                        content=body,
-                        timeout=min(self._settings.timeout_secs, max(remaining, 0.001)),
-                    )
+                # In the private heap still (the BatchProcessor's thread): the client's
+                # objects kept from one request to the next stay out of the app's pools.
+                response = self._client.post(
+                    endpoint,
+                    content=body,
+                    timeout=min(self._settings.timeout_secs, max(remaining, 0.001)),
+                )
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:

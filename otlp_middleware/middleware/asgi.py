@@ -27,6 +27,8 @@ from typing import Any
 
 from ..profiling import _offload
 from ..profiling._engine import ENGINE
+from ..profiling._heap import enter as heap_enter
+from ..profiling._heap import exit as heap_exit
 from ._core import ROUTE_DECORATORS, RequestHandle, RequestProfiler, RequestSlot
 from ._factory import build_request_profiler
 
@@ -157,8 +159,11 @@ class ProfilingMiddleware:
         Reads what the record needs while the request's context and scope are at hand: the
         context (the collector reads the OpenTelemetry span from it), the route, and hands
         the watcher on (``ENGINE.release_request``) to have the record built on the
-        collector thread. Never raises: a failure is logged and counted.
+        collector thread. What it makes waits for the collector, so it is made in the private
+        heap (``profiling._heap``), out of the app's allocator pools. Never raises: a failure
+        is logged and counted.
         """
+        heap_enter()  # what waits for the collector: out of the app's pools
         try:
             context = copy_context()
             route = _route_or_none(scope, root_path)  # not the scope: it can go
@@ -167,6 +172,8 @@ class ProfilingMiddleware:
             ENGINE.release_request(watcher, finish)
         except Exception:
             self.profiler._fault("closing a request's profile")
+        finally:
+            heap_exit()
 
     def _flushing_at_shutdown(self, send: Send) -> Send:
         """``send`` for the lifespan scope: flush the profiles before shutdown completes.
