@@ -18,6 +18,7 @@ its own pid.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -51,8 +52,13 @@ def is_resource_key(key: str) -> bool:
     return key.startswith(_RESOURCE_PREFIXES)
 
 
+@functools.cache
 def library_version() -> str:
-    """This package's version, as installed (``unknown`` when running from a bare checkout)."""
+    """This package's version, as installed (``unknown`` when running from a bare checkout).
+
+    Read once: every OTLP request names it, and reading the installed metadata takes about
+    a millisecond (files read and parsed).
+    """
     try:
         from importlib.metadata import PackageNotFoundError, version
 
