@@ -3,7 +3,9 @@ threads allocate outside pymalloc, and every other thread keeps it as it was.
 
 Checked by what pymalloc itself counts (``sys.getallocatedblocks()``, its blocks in use), not
 by timing: objects made inside come from the C allocator, objects made by any other thread
-meanwhile from pymalloc, and the allocator is back as it was once no thread is inside.
+meanwhile from pymalloc, and the allocator is back as it was once no thread is inside. (That
+count drops for each object made inside and freed, as pymalloc uncounts a block it did not
+make: see ``_heap``. So made inside, the objects leave it lower, not higher.)
 """
 
 from __future__ import annotations

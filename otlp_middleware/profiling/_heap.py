@@ -6,6 +6,12 @@ CPython's small-object pools, which the app's threads keep to themselves: the re
 there then leave the app's pools as they were (see ``_native/private_heap.c``). Without the
 extension, or where pymalloc is not the allocator in use (``PYTHONMALLOC``, ``-X dev``,
 tracemalloc, the heap profiler's hook), it does nothing.
+
+One thing shows it: ``sys.getallocatedblocks()`` counts low. pymalloc counts the blocks it
+hands to the C allocator itself, and uncounts every such block it frees, ours among them
+(which it never counted), so while the profiler runs that figure drifts down by one for each
+object these threads made and freed. Leak hunts that compare it (``regrtest -R``) should run
+without profiling.
 """
 
 from __future__ import annotations

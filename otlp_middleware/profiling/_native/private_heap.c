@@ -19,6 +19,10 @@
  * itself (the allocators found when this module was loaded, with no context: not the debug
  * hooks, not tracemalloc, not the heap profiler's hook); otherwise enter() does nothing.
  *
+ * pymalloc counts the blocks it passes to the raw allocator (sys.getallocatedblocks()) and
+ * uncounts each one it frees; ours were never counted, so that figure drifts down while the
+ * profiler runs (documented in _heap.py).
+ *
  * Installed only while a marked thread is inside, so the app pays the wrapper's test (a
  * thread-local flag) only then. Every call needs the GIL, which orders them against all
  * allocations.
