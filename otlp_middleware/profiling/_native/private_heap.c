@@ -25,7 +25,8 @@
  *
  * Installed only while a marked thread is inside, so the app pays the wrapper's test (a
  * thread-local flag) only then. Every call needs the GIL, which orders them against all
- * allocations.
+ * allocations: so it is never usable in a free-threaded build, and it is not for
+ * subinterpreters with a GIL of their own (they would allocate while it is swapped in).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -198,5 +199,9 @@ PyMODINIT_FUNC PyInit__private_heap(void) {
     g_usable = g_default[0].ctx == NULL && g_default[1].ctx == NULL &&
                g_default[0].malloc == g_default[1].malloc &&
                g_default[0].free == g_default[1].free;
+#ifdef Py_GIL_DISABLED
+    /* Without the GIL other threads allocate while the allocator would be swapped. */
+    g_usable = 0;
+#endif
     return PyModule_Create(&module);
 }
