@@ -30,6 +30,7 @@ from otlp_middleware.profiling._engine import ENGINE
 from otlp_middleware.profiling._heap import PRIVATE_HEAP
 
 from . import workloads
+from .test_lean_call import needs_lean
 from .test_middleware import KeepingExporter, asgi_get, make
 
 N = 20_000
@@ -246,10 +247,7 @@ async def cpu_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.mark.skipif(
-    not ENGINE.native_available or ENGINE.method not in ("auto", "native"),
-    reason="the lean call runs on the native tier",
-)
+@needs_lean
 def test_a_request_hands_its_samples_on_from_the_private_heap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
