@@ -108,51 +108,57 @@ static void uninstall(void) {
     g_installed = 0;
 }
 
+/* The calling thread starts allocating from the C allocator at nesting depth `depth`; 0 where
+   the wrapper cannot go on the allocator (it stays unmarked). */
+static int join(int depth) {
+    if (!g_usable) return 0;
+    install();
+    if (!g_installed) return 0;
+    tl_marked = depth;
+    g_inside++;
+    g_enters++;
+    return 1;
+}
+
+/* The calling thread (marked) allocates as before; the last one out removes the wrapper. */
+static void leave(void) {
+    tl_marked = 0;
+    if (--g_inside <= 0) {
+        g_inside = 0;
+        uninstall();
+    }
+}
+
 static PyObject *py_enter(PyObject *self, PyObject *unused) {
-    if (!g_usable) Py_RETURN_FALSE;
     if (tl_marked) { /* nested: the outermost exit ends it */
         tl_marked++;
         Py_RETURN_TRUE;
     }
-    install();
-    if (!g_installed) Py_RETURN_FALSE;
-    tl_marked = 1;
-    g_inside++;
-    g_enters++;
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(join(1));
 }
 
 static PyObject *py_exit(PyObject *self, PyObject *unused) {
-    if (tl_marked && --tl_marked == 0) {
-        if (--g_inside <= 0) {
-            g_inside = 0;
-            uninstall();
-        }
-    }
+    if (tl_marked == 1)
+        leave();
+    else if (tl_marked > 1)
+        tl_marked--;
     Py_RETURN_NONE;
 }
 
 static PyObject *py_pause(PyObject *self, PyObject *unused) {
     int depth = tl_marked;
-    if (depth) {
-        tl_marked = 1;
-        PyObject *none = py_exit(self, NULL);
-        Py_XDECREF(none);
-    }
+    if (depth) leave();
     return PyLong_FromLong(depth);
 }
 
 static PyObject *py_resume(PyObject *self, PyObject *arg) {
     long depth = PyLong_AsLong(arg);
     if (depth == -1 && PyErr_Occurred()) return NULL;
-    if (depth < 0) {
+    if (depth < 0 || depth > INT_MAX) {
         PyErr_SetString(PyExc_ValueError, "depth must be >= 0");
         return NULL;
     }
-    if (depth == 0 || tl_marked) Py_RETURN_NONE;
-    PyObject *entered = py_enter(self, NULL);
-    if (entered == Py_True) tl_marked = (int)depth;
-    Py_XDECREF(entered);
+    if (depth > 0 && !tl_marked) join((int)depth);
     Py_RETURN_NONE;
 }
 
