@@ -35,8 +35,10 @@ from ._base import Exporter, ExportResult
 
 logger = logging.getLogger(__name__)
 
-ABSORB_INTERVAL = 0.25
-"""Seconds records wait at most before a streaming exporter absorbs them."""
+ABSORB_INTERVAL = 1.0
+"""Seconds records wait at most before a streaming exporter absorbs them: once a second,
+as the collector builds them (``profiling._workers.COLLECT_INTERVAL``), so the thread wakes
+as seldom."""
 
 
 @dataclass(frozen=True)

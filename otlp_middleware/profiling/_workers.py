@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
 
-COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
+COLLECT_INTERVAL = 1.0  # seconds between drains of the native ring while scopes are open
 BUSY_COLLECT_INTERVAL = 0.1  # ... after a drain that found the ring a quarter full or more
 IDLE_TEARDOWN = 1.0  # seconds without native scopes before the native sampler is torn down
 
@@ -63,18 +63,21 @@ class Collector:
     """Drains the native sampler's ring every ``COLLECT_INTERVAL`` while native scopes are open.
 
     One thread, created with the first native scope. It also builds the records of the
-    request scopes the ASGI path released (``Engine.release_request``). A longer interval
-    makes larger batches, cheaper for this thread (its code stays warm in the caches), but
-    the app pays for them: a second's records built in one burst slow the app's own code
-    more than four smaller bursts do (served side by side, 0.25 s against 1 s kept 1.0029
-    [95% CI 1.0007-1.0060] of the throughput, and 1.0061 [1.0040-1.0114] with a handler
-    that allocates, for +1.2 to +2.8 us per request on this thread). A ring found a quarter
-    full shortens the next wait to ``BUSY_COLLECT_INTERVAL``. Closing thread
-    scopes drain the ring themselves, so short requests never wait for it. Once no native
-    scope has been open for ``IDLE_TEARDOWN`` seconds it tears the native sampler down
-    (timers deleted, signal disposition restored) and blocks on an event: no wake-ups until
-    the next scope. The grace period spares back-to-back requests a teardown and set-up each.
-    Its drains and records are made in ``PRIVATE_HEAP``: out of the app's allocator pools.
+    request scopes the ASGI path released (``Engine.release_request``). Each wake-up costs
+    this thread over 100 us of CPU with cold caches (the GIL taken back, the drain, the
+    records) and leaves the app's thread its caches to refill, so it drains once a second:
+    served side by side with four drains a second (the export thread's hand-over at the same
+    cadence as this one), that kept 1.0016 [95% CI 1.0002-1.0046] of the throughput over 16
+    pairs, 1.0021 [0.9928-1.0071] over 10, for -1.3 to -1.7 us of the background threads'
+    CPU per request. (Before the records were made in the private heap, larger batches cost
+    the app more: 0.25 s against 1 s then kept 1.0029 [1.0007-1.0060].) A ring found a
+    quarter full shortens the next wait to ``BUSY_COLLECT_INTERVAL`` (the ring holds a second
+    of samples of some 80 busy threads at 99 Hz). Closing thread scopes
+    drain the ring themselves, so short requests never wait for it. Once no native scope
+    has been open for ``IDLE_TEARDOWN`` seconds it tears the native sampler down (timers
+    deleted, signal disposition restored) and blocks on an event: no wake-ups until the next
+    scope. The grace period spares back-to-back requests a teardown and set-up each. Its
+    drains and records are made in ``PRIVATE_HEAP``: out of the app's allocator pools.
     """
 
     def __init__(self, engine: Engine) -> None:
