@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 NATIVE_CAPACITY = 8192  # samples the native ring holds between drains
 
-COLLECT_INTERVAL = 1.0  # seconds between drains of the native ring while scopes are open
+COLLECT_INTERVAL = 0.25  # seconds between drains of the native ring while scopes are open
 BUSY_COLLECT_INTERVAL = 0.1  # ... after a drain that found the ring a quarter full or more
 IDLE_TEARDOWN = 1.0  # seconds without native scopes before the native sampler is torn down
 
@@ -65,15 +65,14 @@ class Collector:
     One thread, created with the first native scope. It also builds the records of the
     request scopes the ASGI path released (``Engine.release_request``). Each wake-up costs
     this thread over 100 us of CPU with cold caches (the GIL taken back, the drain, the
-    records) and leaves the app's thread its caches to refill, so it drains once a second:
-    served side by side with four drains a second (the export thread's hand-over at the same
-    cadence as this one), that kept 1.0016 [95% CI 1.0002-1.0046] of the throughput over 16
-    pairs, 1.0021 [0.9928-1.0071] over 10, for -1.3 to -1.7 us of the background threads'
-    CPU per request. (Before the records were made in the private heap, larger batches cost
-    the app more: 0.25 s against 1 s then kept 1.0029 [1.0007-1.0060].) A ring found a
-    quarter full shortens the next wait to ``BUSY_COLLECT_INTERVAL`` (the ring holds a second
-    of samples of some 80 busy threads at 99 Hz). Closing thread scopes
-    drain the ring themselves, so short requests never wait for it. Once no native scope
+    records), yet once a second instead of four times did not pay (0.9996 [95% CI
+    0.9963-1.0045] of the throughput, side by side) and made a process that exits while the
+    sampler runs crash at exit in some 2% of runs (``test_native_engine``'s crash probe,
+    four at once on two CPUs, Python 3.12: 4 of about 230, against none of 160 at 0.25 s),
+    a fault not understood yet. (Before the records were made in the private heap, larger
+    batches also cost the app more: 0.25 s against 1 s kept 1.0029 [1.0007-1.0060].) A ring
+    found a quarter full shortens the next wait to ``BUSY_COLLECT_INTERVAL``. Closing thread
+    scopes drain the ring themselves, so short requests never wait for it. Once no native scope
     has been open for ``IDLE_TEARDOWN`` seconds it tears the native sampler down (timers
     deleted, signal disposition restored) and blocks on an event: no wake-ups until the next
     scope. The grace period spares back-to-back requests a teardown and set-up each. Its
