@@ -155,7 +155,7 @@ static PyObject *py_resume(PyObject *self, PyObject *arg) {
     long depth = PyLong_AsLong(arg);
     if (depth == -1 && PyErr_Occurred()) return NULL;
     if (depth < 0 || depth > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "depth must be >= 0");
+        PyErr_Format(PyExc_ValueError, "depth must be from 0 to %d, not %ld", INT_MAX, depth);
         return NULL;
     }
     if (depth > 0 && !tl_marked) join((int)depth);
